@@ -1,0 +1,1 @@
+"""Core-attention backends plugged into the layer spec (``dense`` reference, ``flex``, ``te``)."""

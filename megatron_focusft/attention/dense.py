@@ -1,0 +1,70 @@
+"""The ``dense`` core-attention backend: PyTorch SDPA with a boolean mask.
+
+It materialises an S x S mask, so it is the reference (CPU, tests, short sequences), not the backend for
+32K-token packs on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+class DenseAttention(MegatronModule):
+    """Megatron core attention computed by ``F.scaled_dot_product_attention``.
+
+    ``attention_mask`` is a bool tensor broadcastable to [b, 1, s, s], True where a query may attend to a
+    key (note: the opposite of Megatron's own convention), or ``None`` for plain causal attention.
+    Grouped-query attention is passed to SDPA as is (``enable_gqa``), K/V are not repeated.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **_: object,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("DenseAttention runs on whole sequences: context parallelism is applied outside")
+        tp = config.tensor_model_parallel_size
+        self.heads_per_partition = divide(config.num_attention_heads, tp)
+        self.groups_per_partition = divide(config.num_query_groups, tp)
+        self.softmax_scale = softmax_scale
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: object | None = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("DenseAttention takes packed sequences as a mask, not as packed_seq_params")
+        # [s, b, heads, d] (Megatron's sbhd) -> [b, heads, s, d] (SDPA's layout)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_mask,
+            is_causal=attention_mask is None,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.softmax_scale,
+            enable_gqa=self.groups_per_partition != self.heads_per_partition,
+        )
+        s, b = query.shape[0], query.shape[1]
+        # [b, heads, s, d] -> [s, b, heads * d]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)

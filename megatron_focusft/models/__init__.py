@@ -1,0 +1,1 @@
+"""Model definitions (Qwen2 / Qwen2.5 on Megatron-Core)."""

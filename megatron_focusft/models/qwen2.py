@@ -1,0 +1,333 @@
+"""Qwen2 / Qwen2.5 as a Megatron-Core ``GPTModel``.
+
+Three things live here: the architecture description (:class:`Qwen2Arch`, read from a Hugging Face
+``config.json`` or taken from :data:`PRESETS`), its translation into Megatron's ``TransformerConfig``, and
+the layer specs that say which module implements each part of a layer.  Everything FocuSFT changes in the
+model (the core attention, the fast-weight linears) is injected through those specs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_focusft.models.norm import RMSNorm
+
+TransformerImpl = Literal["local", "te"]
+
+# Megatron pads the embedding table so that it splits evenly over tensor-parallel ranks.  We pad to a
+# multiple of this constant *independent of the TP size*, so that one checkpoint loads at any TP size that
+# divides it (every power of two up to 128).  Real Qwen2.5 tables (151936, 152064 rows) need no padding.
+VOCAB_PAD_MULTIPLE = 128
+
+
+class ConfigError(ValueError):
+    """A model configuration or checkpoint that cannot describe a Qwen2 model (message names the cause)."""
+
+
+@dataclass(frozen=True)
+class Qwen2Arch:
+    """The architecture numbers of a Qwen2 / Qwen2.5 checkpoint (what ``config.json`` says)."""
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise :class:`ConfigError` if ``tp`` cannot split this model."""
+        if tp < 1:
+            raise ConfigError(f"tensor-parallel size must be >= 1, got {tp}")
+        for what, n in (
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.ffn_hidden_size),
+            ("padded vocabulary", self.padded_vocab_size),
+        ):
+            if n % tp:
+                raise ConfigError(f"tensor-parallel size {tp} does not divide {what} = {n}")
+
+    # ---- Hugging Face config.json <-> Qwen2Arch -------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], source: str = "config.json") -> Qwen2Arch:
+        """Read a Hugging Face ``Qwen2ForCausalLM`` config; errors name ``source`` and the bad field."""
+        archs = config.get("architectures") or []
+        model_type = config.get("model_type")
+        if model_type != "qwen2" or (archs and "Qwen2ForCausalLM" not in archs):
+            raise ConfigError(
+                f"{source}: model_type={model_type!r}, architectures={archs} is not a Qwen2ForCausalLM "
+                "checkpoint (only Qwen2 / Qwen2.5 are supported)"
+            )
+        if config.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={config['hidden_act']!r}, expected 'silu'")
+        if config.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ConfigError(f"{source}: rope scaling {rope} is not supported")
+        rope_theta = config.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
+        try:
+            arch = cls(
+                hidden_size=int(config["hidden_size"]),
+                num_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=int(config["num_attention_heads"]),
+                num_key_value_heads=int(config.get("num_key_value_heads", config["num_attention_heads"])),
+                ffn_hidden_size=int(config["intermediate_size"]),
+                vocab_size=int(config["vocab_size"]),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope_theta),
+                max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+                initializer_range=float(config.get("initializer_range", 0.02)),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
+        if arch.hidden_size % arch.num_attention_heads:
+            raise ConfigError(f"{source}: hidden_size is not divisible by num_attention_heads")
+        if arch.num_attention_heads % arch.num_key_value_heads:
+            raise ConfigError(f"{source}: num_attention_heads is not divisible by num_key_value_heads")
+        return arch
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str | Path) -> Qwen2Arch:
+        path = Path(hf_dir) / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file (is {hf_dir} a Hugging Face checkpoint folder?)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: unreadable ({e})") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_hf_config(config, source=str(path))
+
+    def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        """The ``config.json`` that ``transformers`` loads as ``Qwen2ForCausalLM``."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "use_cache": True,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "torch_dtype": torch_dtype,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# The published Qwen2.5 sizes.  Every one: RMSNorm eps 1e-6, RoPE base 1e6, QKV bias, SwiGLU.
+PRESETS: dict[str, Qwen2Arch] = {
+    "qwen2.5-0.5b": Qwen2Arch(896, 24, 14, 2, 4864, 151936, True),
+    "qwen2.5-1.5b": Qwen2Arch(1536, 28, 12, 2, 8960, 151936, True),
+    "qwen2.5-3b": Qwen2Arch(2048, 36, 16, 2, 11008, 151936, True),
+    "qwen2.5-7b": Qwen2Arch(3584, 28, 28, 4, 18944, 152064, False),
+    "qwen2.5-14b": Qwen2Arch(5120, 48, 40, 8, 13824, 152064, False),
+    "qwen2.5-32b": Qwen2Arch(5120, 64, 40, 8, 27648, 152064, False),
+    "qwen2.5-72b": Qwen2Arch(8192, 80, 64, 8, 29568, 152064, False),
+}
+
+
+def get_preset(name: str) -> Qwen2Arch:
+    try:
+        return PRESETS[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def transformer_config(
+    arch: Qwen2Arch,
+    *,
+    tensor_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    context_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool = False,
+    perform_initialization: bool = True,
+    **overrides: Any,
+) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` for ``arch``.
+
+    Megatron's defaults that would silently change Qwen2.5's numbers are overridden: RMSNorm eps 1e-6
+    (not 1e-5), no hidden/attention dropout (not 0.1), bias only on QKV, SwiGLU, no fused kernels that
+    need CUDA or apex.
+    """
+    arch.check_tensor_parallel(tensor_model_parallel_size)
+    if sequence_parallel and tensor_model_parallel_size == 1:
+        sequence_parallel = False  # Megatron treats SP at TP=1 as a no-op; keep the config honest.
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_key_value_heads,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.initializer_range,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        sequence_parallel=sequence_parallel,
+        context_parallel_size=context_parallel_size,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(
+    core_attention: type | ModuleSpec,
+    mlp_linear_fc1: type | ModuleSpec = ColumnParallelLinear,
+    mlp_linear_fc2: type | ModuleSpec = RowParallelLinear,
+) -> ModuleSpec:
+    """A Qwen2 decoder layer from Megatron-Core's local (non-TE) modules.
+
+    ``core_attention`` is the attention backend (dense, flex, ...); the FFN linears are parameters so the
+    top layers can carry fast weights.
+    """
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=mlp_linear_fc1, linear_fc2=mlp_linear_fc2),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def te_layer_spec() -> ModuleSpec:
+    """Megatron-Core's TransformerEngine layer spec (fused kernels); needs TransformerEngine installed."""
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--transformer-impl te needs TransformerEngine (pip install 'megatron-focusft[te]'); "
+            "use --transformer-impl local"
+        ) from None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+def block_spec(
+    config: TransformerConfig,
+    layer_spec_for: Callable[[int], ModuleSpec],
+    final_norm: type = RMSNorm,
+) -> TransformerBlockSubmodules:
+    """Per-layer specs (layer ``i`` -> ``layer_spec_for(i)``) plus the final norm."""
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec_for(i) for i in range(config.num_layers)], layer_norm=final_norm
+    )
+
+
+def build_gpt_model(
+    arch: Qwen2Arch,
+    config: TransformerConfig,
+    spec: TransformerBlockSubmodules | ModuleSpec,
+    max_sequence_length: int | None = None,
+    parallel_output: bool = True,
+) -> GPTModel:
+    """The ``GPTModel`` for ``arch``: RoPE (base from the arch), tied or untied output layer."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=max_sequence_length or arch.max_position_embeddings,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        parallel_output=parallel_output,
+    )
+
+
+def tiny_arch(**changes: Any) -> Qwen2Arch:
+    """A few-hundred-kilobyte Qwen2 for tests and the quickstart (vocabulary needs padding)."""
+    base = Qwen2Arch(
+        hidden_size=64,
+        num_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        ffn_hidden_size=160,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )
+    return replace(base, **changes)

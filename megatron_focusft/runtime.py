@@ -1,0 +1,175 @@
+"""Distributed start-up: torch.distributed + Megatron parallel state, on ``cuda`` (NCCL) or ``cpu`` (gloo).
+
+Megatron-Core assumes CUDA in a handful of places that have nothing to do with the maths (RoPE asks for
+``torch.cuda.current_device()``, the model-parallel RNG tracker forks the CUDA generator, checkpoint writers
+synchronise streams).  :func:`apply_cpu_shim` redirects exactly those calls to the CPU.  It is applied
+explicitly by :func:`initialize` when ``device="cpu"`` and never at import time, so a GPU run is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as mp_random
+
+Device = Literal["cuda", "cpu"]
+
+_CPU_SHIM_APPLIED = False
+
+
+class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+    """Megatron's model-parallel RNG tracker, keeping its named states on the CPU generator.
+
+    Megatron forks a named RNG state around every random draw that must differ (or agree) across tensor
+    parallel ranks.  On CPU the same bookkeeping is done with ``torch.get_rng_state``/``set_rng_state``.
+    """
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists in the RNG tracker")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise ValueError(f"RNG state {name!r} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name!r} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def apply_cpu_shim() -> None:
+    """Make Megatron-Core's CUDA-only calls harmless on a CPU-only process (idempotent).
+
+    - ``torch.cuda.current_device`` returns the CPU device (RoPE and a few buffers are placed with it);
+    - ``torch.cuda.synchronize`` / ``current_stream`` / ``Stream.wait_stream`` become no-ops;
+    - Megatron's model-parallel RNG tracker is replaced by :class:`CpuRNGStatesTracker`.
+    """
+    global _CPU_SHIM_APPLIED
+    if _CPU_SHIM_APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("apply_cpu_shim() on a machine with CUDA: use device='cuda'")
+
+    class _NullStream:
+        def wait_stream(self, _stream: object) -> None:
+            return None
+
+        def synchronize(self) -> None:
+            return None
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _CPU_SHIM_APPLIED = True
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The parallel sizes of one run. Data parallelism takes what is left of the world."""
+
+    tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+
+    def validate(self, world_size: int) -> None:
+        model_parallel = self.tensor_model_parallel_size * self.context_parallel_size
+        if self.tensor_model_parallel_size < 1 or self.context_parallel_size < 1:
+            raise ValueError(f"parallel sizes must be >= 1, got {self}")
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor-model-parallel-size "
+                f"{self.tensor_model_parallel_size} x context-parallel-size {self.context_parallel_size}"
+            )
+
+
+def initialize(
+    device: Device,
+    layout: ParallelLayout = ParallelLayout(),
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> None:
+    """Start torch.distributed (from torchrun's environment) and Megatron's parallel state.
+
+    Without ``RANK``/``WORLD_SIZE`` in the environment a single-process group is started, so tools and
+    tests use the same code path as multi-process jobs.
+    """
+    if device == "cpu":
+        apply_cpu_shim()
+    elif not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available; use --device cpu")
+
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if device == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    layout.validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and Megatron's model-parallel RNG states (identically on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tracker = mp_random.get_cuda_rng_tracker()
+    if isinstance(tracker, CpuRNGStatesTracker):
+        # Same named states Megatron's model_parallel_cuda_manual_seed creates, on the CPU generator.
+        tracker.reset()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+        tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+        tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * tp_rank)
+    else:
+        mp_random.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down Megatron's parallel state and the process group (safe to call twice)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,38 @@
+"""Packaging for megatron-focusft.
+
+Dependency ranges are pinned to what the code is tested against: megatron-core 0.16.1 is the newest that
+installs on Python 3.11 and the GPTModel / layer-spec API is unchanged up to 0.19.x.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-focusft",
+    version="0.1.0",
+    description="FocuSFT (bilevel, dilution-aware long-context SFT) on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_focusft", "megatron_focusft.*"]),
+    python_requires=">=3.10,<3.13",
+    install_requires=[
+        # FlexAttention (block masks, CPU forward) and torch.distributed gloo are needed.
+        "torch>=2.5",
+        "megatron-core>=0.16.1,<0.20",
+        # Reference models for the differential tests and the HF side of the converters.
+        "transformers>=4.45,<6",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        # megatron.core.dist_checkpointing needs psutil for its async writer.
+        "psutil>=5.9",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]>=1.12"],
+        "parquet": ["pyarrow>=14"],
+        "analysis": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=14", "ruff>=0.5"],
+    },
+)
