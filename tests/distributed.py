@@ -29,8 +29,11 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, tp: int, cp: int, fn: Callable, args: tuple, out: str):
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     from megatron_focusft import runtime
@@ -52,7 +55,9 @@ def run_distributed(fn: Callable, world_size: int = 2, tp: int = 1, cp: int = 1,
         out = os.path.join(d, "result.pt")
         try:
             mp.start_processes(
-                _worker, args=(world_size, _free_port(), tp, cp, fn, args, out), nprocs=world_size,
+                _worker,
+                args=(world_size, _free_port(), tp, cp, fn, args, out),
+                nprocs=world_size,
                 start_method="spawn",
             )
         except mp.ProcessRaisedException:

@@ -128,7 +128,9 @@ class Qwen2Arch:
         try:
             config = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file (is {hf_dir} a Hugging Face checkpoint folder?)") from None
+            raise ConfigError(
+                f"{path}: no such file (is {hf_dir} a Hugging Face checkpoint folder?)"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: unreadable ({e})") from None
         if not isinstance(config, dict):
