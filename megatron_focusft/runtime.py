@@ -12,9 +12,9 @@ import contextlib
 import datetime
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -68,8 +68,6 @@ def apply_cpu_shim() -> None:
     global _CPU_SHIM_APPLIED
     if _CPU_SHIM_APPLIED:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("apply_cpu_shim() on a machine with CUDA: use device='cuda'")
 
     class _NullStream:
         def wait_stream(self, _stream: object) -> None:
@@ -165,6 +163,83 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a spawned worker (shown as the cause)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def launch_cpu_processes(
+    fn: Callable[..., Any], nprocs: int, layout: ParallelLayout = ParallelLayout(), args: tuple = ()
+) -> Any:
+    """Run ``fn(*args)`` in ``nprocs`` fresh gloo processes with Megatron's parallel state; rank 0's result.
+
+    For CPU tools (checkpoint conversion at a TP size) and tests.  ``fn`` must be importable by name
+    (module level) because the processes are spawned.  An exception on any rank is re-raised here with
+    that rank's traceback text.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    layout.validate(nprocs)
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.pt")
+        try:
+            mp.start_processes(
+                _cpu_worker,
+                args=(nprocs, _free_port(), layout, fn, args, out),
+                nprocs=nprocs,
+                start_method="spawn",
+            )
+        except mp.ProcessRaisedException as e:
+            errors = sorted(f for f in os.listdir(d) if f.startswith("error"))
+            if errors:
+                error, remote_tb = torch.load(os.path.join(d, errors[0]), weights_only=False)
+                raise error from RemoteTraceback(remote_tb)
+            raise RuntimeError(str(e)) from None
+        return torch.load(out, weights_only=False)
+
+
+def _cpu_worker(
+    rank: int, nprocs: int, port: int, layout: ParallelLayout, fn: Callable[..., Any], args: tuple, out: str
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    try:
+        initialize("cpu", layout)
+        result = fn(*args)
+        if rank == 0:
+            torch.save(result, out)
+    except BaseException as e:
+        import traceback
+
+        try:
+            remote_tb = f"rank {rank}:\n{traceback.format_exc()}"
+            torch.save((e, remote_tb), os.path.join(os.path.dirname(out), f"error{rank}.pt"))
+        except Exception:
+            pass
+        raise
+    finally:
+        destroy()
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process or of its largest finished child (Linux reports KiB)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, child) / 1024**2
 
 
 def _free_port() -> int:

@@ -320,6 +320,83 @@ def build_gpt_model(
     )
 
 
+def build_model(
+    arch: Qwen2Arch,
+    core_attention: type | ModuleSpec,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    perform_initialization: bool = True,
+    mlp_linears_for_layer: Callable[[int], tuple[type | ModuleSpec, type | ModuleSpec]] | None = None,
+    **config_overrides: Any,
+) -> GPTModel:
+    """The Qwen2 ``GPTModel`` for the tensor-parallel group Megatron's parallel state holds.
+
+    Weights are created on the CPU (``use_cpu_initialization``) so that every TP size draws the same
+    global tensors from the same seed and TP=2 computes exactly what TP=1 does (callers move the model
+    to the GPU); ``perform_initialization``
+    False skips the random draws when a checkpoint is about to overwrite them.
+    ``mlp_linears_for_layer(i)`` gives layer i's (fc1, fc2) classes, e.g. fast-weight linears on top layers.
+    """
+    from megatron.core import parallel_state
+
+    config = transformer_config(
+        arch,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
+        **config_overrides,
+    )
+
+    def spec_for(i: int) -> ModuleSpec:
+        fc1, fc2 = (
+            mlp_linears_for_layer(i) if mlp_linears_for_layer else (ColumnParallelLinear, RowParallelLinear)
+        )
+        return layer_spec(core_attention, fc1, fc2)
+
+    model = build_gpt_model(arch, config, block_spec(config, spec_for))
+    if not perform_initialization:
+        _mark_tensor_parallel_parameters(model)
+    return model
+
+
+# Tensor-parallel partition dimension of every Qwen2 parameter, by name suffix (absent: replicated).  The
+# gated fc1 is split along dim 0 per half (rank i holds [gate_i; up_i]).
+TP_PARTITION_DIM: dict[str, int] = {
+    "embedding.word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+    "linear_qkv.weight": 0,
+    "linear_qkv.bias": 0,
+    "linear_fc1.weight": 0,
+    "linear_proj.weight": 1,
+    "linear_fc2.weight": 1,
+}
+
+
+def tp_partition_dim(name: str) -> int | None:
+    """The dimension along which Qwen2 parameter ``name`` is split over tensor-parallel ranks, or None."""
+    for suffix, dim in TP_PARTITION_DIM.items():
+        if name.endswith(suffix):
+            return dim
+    return None
+
+
+def _mark_tensor_parallel_parameters(model: torch.nn.Module) -> None:
+    """Set Megatron's ``tensor_model_parallel``/``partition_dim`` attributes from :data:`TP_PARTITION_DIM`.
+
+    Megatron sets them only while drawing random initial weights on the CPU; a model built without that
+    draw (a checkpoint is about to be loaded) would otherwise count split weights as duplicates in the
+    gradient-norm computation.
+    """
+    for name, param in model.named_parameters():
+        dim = tp_partition_dim(name)
+        if dim is not None:
+            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
+
+
 def tiny_arch(**changes: Any) -> Qwen2Arch:
     """A few-hundred-kilobyte Qwen2 for tests and the quickstart (vocabulary needs padding)."""
     base = Qwen2Arch(

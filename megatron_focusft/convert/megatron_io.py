@@ -1,0 +1,197 @@
+"""megatron_focusft checkpoints: a Megatron-Core distributed checkpoint plus what is needed to rebuild it.
+
+A checkpoint folder::
+
+    CKPT/
+      focusft_checkpoint.json   format version, the HF config of the model, dtype, iteration
+      model/                    megatron.core.dist_checkpointing (global tensors: loads at any TP size)
+      tokenizer/                the tokenizer files of the source checkpoint
+      ...                       training adds optimizer/ scheduler/ RNG/ data position (training issue)
+
+A training run's ``--save`` folder holds ``iter_0000100/`` style checkpoints and ``latest``; every reader
+goes through :func:`resolve_checkpoint`, so both kinds are accepted wherever a checkpoint is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.models.gpt import GPTModel
+from tqdm import tqdm
+
+from megatron_focusft.convert.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_tokenizer_files
+from megatron_focusft.convert.layout import megatron_sources, to_hf, to_megatron, tp_shard
+from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, tp_partition_dim
+
+META_FILE = "focusft_checkpoint.json"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    arch: Qwen2Arch
+    dtype: torch.dtype
+    iteration: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": "megatron_focusft",
+                "version": FORMAT_VERSION,
+                "hf_config": self.arch.to_hf_config(str(self.dtype).removeprefix("torch.")),
+                "padded_vocab_size": self.arch.padded_vocab_size,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "iteration": self.iteration,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def read(cls, ckpt_dir: Path) -> CheckpointMeta:
+        path = ckpt_dir / META_FILE
+        try:
+            raw = json.loads(path.read_text())
+            return cls(
+                arch=Qwen2Arch.from_hf_config(raw["hf_config"], source=str(path)),
+                dtype=getattr(torch, raw["dtype"]),
+                iteration=int(raw.get("iteration", 0)),
+            )
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"{path}: unreadable checkpoint metadata ({e!r})") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder ``path`` names: itself, or the latest iteration of a training ``--save`` dir."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if (path / LATEST_FILE).is_file():
+        target = path / (path / LATEST_FILE).read_text().strip()
+        if (target / META_FILE).is_file():
+            return target
+        raise ConfigError(f"{path / LATEST_FILE} points at {target}, which is not a checkpoint")
+    if not path.exists():
+        raise ConfigError(f"{path}: no such checkpoint folder")
+    raise ConfigError(f"{path} is not a megatron_focusft checkpoint (no {META_FILE} and no {LATEST_FILE})")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes ``out_dir`` only if the body finishes (all ranks).
+
+    ``out_dir`` must not exist: nothing already written is ever replaced.  On failure the temporary folder
+    is removed, so no half-written output is left.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists; choose a new output folder (nothing was written)")
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        yield tmp
+        _barrier()
+    except BaseException:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank0:
+        os.replace(tmp, out_dir)
+    _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_model(model: GPTModel, ckpt_dir: Path, meta: CheckpointMeta) -> None:
+    """Write ``model`` (every rank's shards) and the metadata into ``ckpt_dir`` (collective)."""
+    (ckpt_dir / "model").mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir / "model"))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (ckpt_dir / META_FILE).write_text(meta.to_json())
+
+
+def load_model(model: GPTModel, ckpt_dir: Path) -> None:
+    """Load the model weights of checkpoint ``ckpt_dir`` into ``model`` (any TP size; collective)."""
+    model_dir = ckpt_dir / "model"
+    if not model_dir.is_dir():
+        raise ConfigError(f"{ckpt_dir}: no model/ folder in this checkpoint")
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir))
+    model.load_state_dict(state, strict=True)
+
+
+def fill_from_hf(model: GPTModel, reader: HFCheckpointReader, dtype: torch.dtype, progress: bool) -> None:
+    """Copy HF tensors into this rank's Megatron shards, one parameter at a time."""
+    arch = reader.arch
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    params = dict(model.named_parameters())
+    todo = list(megatron_sources(arch))
+    filled = set()
+    for name, sources in tqdm(todo, desc="hf -> megatron", disable=not progress, unit="tensor"):
+        param = params[name]
+        full = to_megatron(name, [reader.get(s) for s in sources], arch)
+        local = tp_shard(name, full, tp_partition_dim(name), tp_rank, tp_size)
+        if local.shape != param.shape:
+            raise ConfigError(
+                f"{sources[0]}: gives {name} of shape {tuple(local.shape)}, expected {param.shape}"
+            )
+        with torch.no_grad():
+            param.copy_(local.to(dtype))
+        filled.add(name)
+    unfilled = set(params) - filled
+    if unfilled:
+        raise RuntimeError(f"no HF source for Megatron parameters {sorted(unfilled)}")
+
+
+def megatron_to_hf_tensors(model: GPTModel, arch: Qwen2Arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs from a TP=1 Megatron model; fast weights and buffers are never exported."""
+    params = dict(model.named_parameters())
+    for name, sources in megatron_sources(arch):
+        for hf_name, tensor in zip(sources, to_hf(name, params[name].detach(), arch)):
+            yield hf_name, tensor.clone()
+
+
+def write_hf_checkpoint(
+    model: GPTModel,
+    arch: Qwen2Arch,
+    dtype: torch.dtype,
+    out_dir: Path,
+    tokenizer_dir: Path | None,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: bool = False,
+) -> None:
+    """Write a Hugging Face folder (safetensors shards + index, config.json, tokenizer files)."""
+    writer = HFCheckpointWriter(out_dir, max_shard_bytes)
+    n = sum(len(s) for _, s in megatron_sources(arch))
+    for name, tensor in tqdm(
+        megatron_to_hf_tensors(model, arch),
+        total=n,
+        desc="megatron -> hf",
+        disable=not progress,
+        unit="tensor",
+    ):
+        writer.add(name, tensor.to(dtype))
+    writer.close()
+    (out_dir / "config.json").write_text(
+        json.dumps(arch.to_hf_config(str(dtype).removeprefix("torch.")), indent=2)
+    )
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        copy_tokenizer_files(tokenizer_dir, out_dir)

@@ -1,0 +1,144 @@
+"""The two converter command-line tools: round trip, TP=2 -> TP=1, generation, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_focusft.models.random_hf import make_random_hf_checkpoint
+from tests.models import gqa_arch
+from tools import convert_hf_to_megatron, convert_megatron_to_hf
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_bf16(tmp_path_factory) -> Path:
+    """A sharded bf16 HF checkpoint (untied, GQA 3) with tokenizer files."""
+    d = tmp_path_factory.mktemp("hf")
+    make_random_hf_checkpoint(gqa_arch(3, tied=False), d, seed=3, dtype=torch.bfloat16, max_shard_size="60KB")
+    (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
+    return d
+
+
+def test_round_trip_is_bit_identical_and_tp2_checkpoint_verifies_at_tp1(hf_bf16, tmp_path, capsys):
+    mg, back = tmp_path / "mg", tmp_path / "back"
+    # Written by 2 tensor-parallel ranks; --verify loads it at TP=1 and compares with transformers.
+    rc = convert_hf_to_megatron.main(
+        [
+            "--hf-dir",
+            str(hf_bf16),
+            "--out",
+            str(mg),
+            "--tp",
+            "2",
+            "--dtype",
+            "bf16",
+            "--verify",
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "argmax identical: True -> OK" in out
+    assert (mg / "tokenizer" / "tokenizer_config.json").exists()
+
+    assert convert_megatron_to_hf.main(["--ckpt", str(mg), "--out", str(back), "--no-progress"]) == 0
+    ref, ours = _tensors(hf_bf16), _tensors(back)
+    assert sorted(ref) == sorted(ours)
+    for name in ref:
+        assert ours[name].dtype == ref[name].dtype and torch.equal(ours[name], ref[name]), name
+    assert json.loads((back / "config.json").read_text())["num_key_value_heads"] == 2
+    assert (back / "tokenizer_config.json").exists()
+
+    # The exported folder is an ordinary transformers model that generates like the original.
+    from transformers import AutoModelForCausalLM
+
+    prompt = torch.tensor([[5, 17, 42, 7]])
+    gen = [
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).generate(
+            prompt, max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+        for d in (hf_bf16, back)
+    ]
+    assert gen[0].shape == (1, 12) and torch.equal(gen[0], gen[1])
+
+
+def test_multi_shard_export_writes_an_index(hf_bf16, tmp_path):
+    mg, back = tmp_path / "mg", tmp_path / "back"
+    assert convert_hf_to_megatron.main(["--hf-dir", str(hf_bf16), "--out", str(mg), "--no-progress"]) == 0
+    args = ["--ckpt", str(mg), "--out", str(back), "--max-shard-size-gb", "0.00005", "--no-progress"]
+    assert convert_megatron_to_hf.main(args) == 0
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and shards == {p.name for p in back.glob("*.safetensors")}
+    assert not list(back.glob("*.tmp"))
+
+
+def _bad(tmp_path: Path, hf_bf16: Path, how: str) -> Path:
+    import shutil
+
+    d = tmp_path / f"bad-{how}"
+    shutil.copytree(hf_bf16, d)
+    cfg = json.loads((d / "config.json").read_text())
+    if how == "missing-config":
+        (d / "config.json").unlink()
+    elif how == "unreadable-config":
+        (d / "config.json").write_text("{not json")
+    elif how == "llama":
+        cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif how == "wrong-shape":
+        cfg["intermediate_size"] = 100  # every mlp tensor now disagrees with the config
+        (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize(
+    "how, tp, message",
+    [
+        ("missing-config", 1, "config.json: no such file"),
+        ("unreadable-config", 1, "config.json: unreadable"),
+        ("llama", 1, "is not a Qwen2ForCausalLM checkpoint"),
+        ("wrong-shape", 1, "gate_proj.weight' has shape (96, 96), config.json implies (100, 96)"),
+        ("ok", 4, "tensor-parallel size 4 does not divide num_key_value_heads = 2"),
+    ],
+)
+def test_bad_input_is_one_line_error_and_leaves_nothing(hf_bf16, tmp_path, capsys, how, tp, message):
+    src = _bad(tmp_path, hf_bf16, how)
+    out = tmp_path / "out"
+    rc = convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(out), "--tp", str(tp)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and err.startswith("error: ") and "\n" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_existing_output_is_never_overwritten(hf_bf16, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    rc = convert_hf_to_megatron.main(["--hf-dir", str(hf_bf16), "--out", str(out)])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    rc = convert_megatron_to_hf.main(["--ckpt", str(hf_bf16), "--out", str(out)])
+    assert rc == 2 and "not a megatron_focusft checkpoint" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_failure_inside_the_write_leaves_no_partial_folder(tmp_path):
+    from megatron_focusft.convert.megatron_io import atomic_output_dir
+
+    out = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "half-written").write_text("x")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
