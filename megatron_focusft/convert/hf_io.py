@@ -1,20 +1,26 @@
 """Streaming access to Hugging Face checkpoint folders (config.json + sharded safetensors).
 
-Tensors are read one at a time (``safe_open`` memory-maps each file) and written shard by shard, so a
-conversion never holds a second copy of the whole model.
+Tensors are read one at a time and written one at a time (see ``safetensors_stream``), so a conversion
+never holds a second copy of the whole model.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megatron_focusft.convert.layout import hf_names, hf_shape
+from megatron_focusft.convert.safetensors_stream import (
+    StreamingShardWriter,
+    TensorEntry,
+    plan_shards,
+    read_header,
+    read_tensor,
+)
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -49,25 +55,24 @@ class HFCheckpointReader:
             files, weight_map = ["model.safetensors"], None
         else:
             raise ConfigError(f"{self.dir}: no model.safetensors or {SAFETENSORS_INDEX}")
-        self._handles = {}
-        self._where: dict[str, str] = {}
+        self._entries: dict[str, tuple[Path, TensorEntry]] = {}
         for f in files:
             path = self.dir / f
             try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise ConfigError(f"{path}: unreadable safetensors file ({e})") from None
-            self._handles[f] = handle
-            for key in handle.keys():
+                header = read_header(path)
+            except (OSError, ValueError, KeyError, struct.error) as e:
+                raise ConfigError(f"{path}: unreadable safetensors file ({e!r})") from None
+            for key, entry in header.items():
                 if weight_map is None or weight_map.get(key) == f:
-                    self._where[key] = f
+                    self._entries[key] = (path, entry)
         if weight_map is not None:
-            missing_files = {k: f for k, f in weight_map.items() if k not in self._where}
-            if missing_files:
-                k, f = next(iter(missing_files.items()))
-                raise ConfigError(f"{self.dir / f}: tensor {k!r} listed in {SAFETENSORS_INDEX} is missing")
-        expected = set(self.expected_names())
-        unexpected = [k for k in self._where if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
+            for k, f in weight_map.items():
+                if k not in self._entries:
+                    raise ConfigError(
+                        f"{self.dir / f}: tensor {k!r} listed in {SAFETENSORS_INDEX} is missing"
+                    )
+        expected = set(hf_names(arch))
+        unexpected = [k for k in self._entries if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
         if unexpected:
             raise ConfigError(
                 f"{self.dir}: unexpected tensor {unexpected[0]!r} for a Qwen2 model "
@@ -75,68 +80,72 @@ class HFCheckpointReader:
             )
         # Every shape is checked here, from the headers alone, so a bad tensor stops a conversion before
         # any work starts.
-        for name in self.expected_names():
-            if name not in self._where:
+        for name in hf_names(arch):
+            if name not in self._entries:
                 raise ConfigError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-            self._check_shape(name, tuple(self._handles[self._where[name]].get_slice(name).get_shape()))
-
-    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        expected = hf_shape(name, self.arch)
-        if shape != expected:
-            raise ConfigError(
-                f"{self.file_of(name)}: tensor {name!r} has shape {shape}, config.json implies {expected}"
-            )
-
-    def expected_names(self) -> list[str]:
-        return hf_names(self.arch)
-
-    def file_of(self, name: str) -> Path:
-        return self.dir / self._where[name]
+            path, entry = self._entries[name]
+            expected_shape = hf_shape(name, arch)
+            if entry.shape != expected_shape:
+                raise ConfigError(
+                    f"{path}: tensor {name!r} has shape {entry.shape}, config.json implies {expected_shape}"
+                )
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
-            raise ConfigError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-        tensor = self._handles[self._where[name]].get_tensor(name)
-        self._check_shape(name, tuple(tensor.shape))
-        return tensor
+        path, entry = self._entries[name]
+        try:
+            return read_tensor(path, entry)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read tensor {name!r} ({e})") from None
 
 
 class HFCheckpointWriter:
-    """Writes tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``."""
+    """Writes planned tensors into safetensors shards of at most ``max_shard_bytes``, tensor by tensor.
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+    ``plan`` lists (name, dtype, shape) in the order :meth:`add` will receive them; the file names
+    (``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index) follow ``save_pretrained``.
+    """
+
+    def __init__(
+        self, out_dir: str | Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int
+    ) -> None:
         self.dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self._total_bytes = 0
+        self._shards = plan_shards(plan, max_shard_bytes)
+        n = len(self._shards)
+        self._names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._total_bytes = sum(
+            torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, d, s in plan
+        )
+        self._shard = -1
+        self._writer: StreamingShardWriter | None = None
+        self._left = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
-        self._total_bytes += nbytes
-
-    def _flush(self) -> None:
-        index = len(self._shards)
-        save_file(self._pending, str(self.dir / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        if self._left == 0:
+            if self._writer is not None:
+                self._writer.close()
+            self._shard += 1
+            self._writer = StreamingShardWriter(
+                self.dir / self._names[self._shard], self._shards[self._shard]
+            )
+            self._left = len(self._shards[self._shard])
+        assert self._writer is not None
+        self._writer.write(name, tensor)
+        self._left -= 1
 
     def close(self) -> None:
-        """Flush the last shard, give the shards their final names and write the index."""
-        if self._pending:
-            self._flush()
-        n = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.dir / f"shard-{i:05d}.tmp").rename(self.dir / final)
-            weight_map.update({name: final for name in names})
-        if n > 1:
+        """Close the last shard and write the index (for more than one shard)."""
+        if self._writer is not None:
+            self._writer.close()
+        if self._shard != len(self._shards) - 1 or self._left:
+            raise RuntimeError("HF checkpoint closed before every planned tensor was written")
+        if len(self._shards) > 1:
+            weight_map = {
+                name: self._names[i] for i, shard in enumerate(self._shards) for name, _, _ in shard
+            }
             index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
             (self.dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
 

@@ -29,7 +29,7 @@ from megatron.core.models.gpt import GPTModel
 from tqdm import tqdm
 
 from megatron_focusft.convert.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_tokenizer_files
-from megatron_focusft.convert.layout import megatron_sources, to_hf, to_megatron, tp_shard
+from megatron_focusft.convert.layout import hf_shape, megatron_sources, to_hf, to_megatron, tp_shard
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, tp_partition_dim
 
 META_FILE = "focusft_checkpoint.json"
@@ -165,8 +165,7 @@ def megatron_to_hf_tensors(model: GPTModel, arch: Qwen2Arch) -> Iterator[tuple[s
     """(HF name, tensor) pairs from a TP=1 Megatron model; fast weights and buffers are never exported."""
     params = dict(model.named_parameters())
     for name, sources in megatron_sources(arch):
-        for hf_name, tensor in zip(sources, to_hf(name, params[name].detach(), arch)):
-            yield hf_name, tensor.clone()
+        yield from zip(sources, to_hf(name, params[name].detach(), arch))
 
 
 def write_hf_checkpoint(
@@ -179,8 +178,9 @@ def write_hf_checkpoint(
     progress: bool = False,
 ) -> None:
     """Write a Hugging Face folder (safetensors shards + index, config.json, tokenizer files)."""
-    writer = HFCheckpointWriter(out_dir, max_shard_bytes)
-    n = sum(len(s) for _, s in megatron_sources(arch))
+    plan = [(name, dtype, hf_shape(name, arch)) for _, sources in megatron_sources(arch) for name in sources]
+    writer = HFCheckpointWriter(out_dir, plan, max_shard_bytes)
+    n = len(plan)
     for name, tensor in tqdm(
         megatron_to_hf_tensors(model, arch),
         total=n,
