@@ -50,11 +50,12 @@ def blocks_from_loss_mask(loss_mask: torch.Tensor, document_ids: torch.Tensor | 
     changed = lm[..., 1:] != lm[..., :-1]
     if document_ids is not None:
         changed = changed | (document_ids[..., 1:] != document_ids[..., :-1])
-    zero = torch.zeros_like(changed[..., :1])
+    zero = torch.zeros(*changed.shape[:-1], 1, dtype=torch.bool, device=changed.device)
     return torch.cat([zero, changed], dim=-1).long().cumsum(-1)
 
 
 def allowed(
+    b: torch.Tensor,
     q_idx: torch.Tensor,
     kv_idx: torch.Tensor,
     document_ids: torch.Tensor,
@@ -62,23 +63,24 @@ def allowed(
     is_context: torch.Tensor,
     mode: MaskMode,
 ) -> torch.Tensor:
-    """True where query ``q_idx`` may attend to key ``kv_idx`` (THE rule; elementwise, broadcasting).
+    """True where query ``q_idx`` of sequence ``b`` may attend to key ``kv_idx`` (THE rule).
 
-    The per-token tensors are indexed along their last dimension, so this serves both a dense
-    evaluation (``q_idx = arange(s)[:, None]``, ``kv_idx = arange(s)[None, :]``, tensors [b, s] ->
-    result [b, s, s]) and FlexAttention's ``mask_mod`` (scalar indices into one sequence's tensors).
+    Elementwise with broadcasting over index tensors; the per-token tensors are [batch, s] and indexed as
+    ``t[b, q_idx]``.  This serves both a dense evaluation (``b = arange(batch)[:, None, None]``,
+    ``q_idx = arange(s)[:, None]``, ``kv_idx = arange(s)[None, :]`` -> [batch, s, s]) and FlexAttention's
+    ``mask_mod(b, h, q_idx, kv_idx)`` (scalar indices, traced by torch.compile).
     """
-    doc_q = document_ids[..., q_idx]
-    doc_k = document_ids[..., kv_idx]
+    doc_q = document_ids[b, q_idx]
+    doc_k = document_ids[b, kv_idx]
     causal = kv_idx <= q_idx
     same_document = (doc_q == doc_k) & (doc_q != PADDING_DOCUMENT)
     if mode == "causal":
         ok = same_document & causal
     elif mode == "glm":
-        block_q = block_ids[..., q_idx]
-        block_k = block_ids[..., kv_idx]
+        block_q = block_ids[b, q_idx]
+        block_k = block_ids[b, kv_idx]
         same_block = block_k == block_q
-        ok = same_document & ((block_k < block_q) | (same_block & (is_context[..., q_idx] | causal)))
+        ok = same_document & ((block_k < block_q) | (same_block & (is_context[b, q_idx] | causal)))
     else:
         check_mode(mode)
         raise AssertionError("unreachable")
@@ -129,7 +131,8 @@ class MaskInputs:
         device = self.document_ids.device
         q = torch.arange(start, stop, device=device)[:, None]
         k = torch.arange(self.seq_len, device=device)[None, :]
-        return allowed(q, k, self.document_ids, self.block_ids, self.is_context, self.mode)
+        b = torch.arange(self.batch_size, device=device)[:, None, None]
+        return allowed(b, q, k, self.document_ids, self.block_ids, self.is_context, self.mode)
 
     def dense(self) -> torch.Tensor:
         """The whole mask, bool [b, s, s] (materialises S x S: tests, CPU and short sequences only)."""
@@ -150,7 +153,7 @@ class MaskInputs:
         mode = self.mode
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return allowed(q_idx, kv_idx, docs[b], blocks[b], ctx[b], mode)
+            return allowed(b, q_idx, kv_idx, docs, blocks, ctx, mode)
 
         return mask_mod
 
