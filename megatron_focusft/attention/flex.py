@@ -3,7 +3,7 @@
 The :class:`~torch.nn.attention.flex_attention.BlockMask` is built once per micro-batch by
 :func:`build_block_mask` from the mask rule in :mod:`megatron_focusft.masks` and shared by every layer and
 by the inner and outer passes.  It is built a band of query tiles at a time, so no S x S tensor ever exists
-(at 64K tokens a band is at most 2**26 booleans); the kernel then evaluates the same rule
+(a band is at most 2**25 booleans, 32 MB); the kernel then evaluates the same rule
 (``MaskInputs.mask_mod``) inside the partial tiles only.
 
 On CUDA the kernel is ``torch.compile``-d once per process; on CPU it runs eagerly and PyTorch only supports
@@ -24,7 +24,7 @@ from megatron_focusft.masks import MaskInputs
 
 DEFAULT_BLOCK_SIZE = 128
 # Largest [b, rows, s] band of the mask evaluated at once while building a BlockMask.
-_MAX_BAND_ELEMENTS = 1 << 26
+_MAX_BAND_ELEMENTS = 1 << 25
 
 _compiled_flex_attention = None
 
