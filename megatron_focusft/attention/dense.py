@@ -13,13 +13,18 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from megatron_focusft.attention.layout import from_bhsd, is_thd, to_bhsd
+
 
 class DenseAttention(MegatronModule):
     """Megatron core attention computed by ``F.scaled_dot_product_attention``.
 
     ``attention_mask`` is a bool tensor broadcastable to [b, 1, s, s], True where a query may attend to a
-    key (note: the opposite of Megatron's own convention), or ``None`` for plain causal attention.
-    Grouped-query attention is passed to SDPA as is (``enable_gqa``), K/V are not repeated.
+    key (note: the opposite of Megatron's own convention), as built by
+    ``megatron_focusft.attention.build_attention_mask("dense", ...)``; or ``None`` for plain causal
+    attention over an unpacked batch.  Both Megatron layouts are accepted (sbhd, and thd for packed
+    sequences; see :mod:`megatron_focusft.attention.layout`).  Grouped-query attention is passed to SDPA
+    as is (``enable_gqa``), K/V are not repeated.
     """
 
     def __init__(
@@ -51,10 +56,17 @@ class DenseAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: object | None = None,
     ) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("DenseAttention takes packed sequences as a mask, not as packed_seq_params")
-        # [s, b, heads, d] (Megatron's sbhd) -> [b, heads, s, d] (SDPA's layout)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if attention_bias is not None:
+            raise ValueError("DenseAttention does not take an attention_bias")
+        thd = is_thd(packed_seq_params)
+        if thd and attention_mask is None:
+            raise ValueError(
+                "a packed (thd) batch needs its document-aware mask: "
+                "pass build_attention_mask('dense', document_ids, loss_mask, mode) as attention_mask"
+            )
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            raise TypeError(f"DenseAttention wants a bool mask (True = allowed), got {attention_mask.dtype}")
+        q, k, v = (to_bhsd(t, thd) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -65,6 +77,4 @@ class DenseAttention(MegatronModule):
             scale=self.softmax_scale,
             enable_gqa=self.groups_per_partition != self.heads_per_partition,
         )
-        s, b = query.shape[0], query.shape[1]
-        # [b, heads, s, d] -> [s, b, heads * d]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return from_bhsd(out, thd)
