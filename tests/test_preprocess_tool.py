@@ -122,11 +122,8 @@ def test_missing_tokenizer_and_overlong_policies(tmp_path, capsys):
         "64",
     ]
     assert load_tool().main(argv) == 1
-    assert (
-        "no-such-dir" in capsys.readouterr().err
-        and not (tmp_path / "o").exists()
-        or not os.listdir(tmp_path / "o")
-    )
+    assert "no-such-dir" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     long = [
         {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     ]
