@@ -338,3 +338,10 @@ def test_configurable_field_names_and_roles(encoder, tok):
         )
     }
     assert encoder.encode(rec).input_ids.tolist() == EXPECTED_IDS["plain"]
+
+
+def test_nfc_shortcut_gives_the_normalised_ids(tok):
+    for text in ("Ça va? ﬁ 你好", "Ça va? e\u0301 ﬁ 你好"):  # NFC text, and text that NFC changes
+        assert tok.encode_text(text).ids == tok.tokenizer.encode(text, add_special_tokens=False).ids
+    assert tok.encode_text("e\u0301").ids == tok.encode("é")
+    assert type(tok.tokenizer.normalizer).__name__ == "NFC"  # restored

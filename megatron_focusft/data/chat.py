@@ -400,12 +400,9 @@ class ChatEncoder:
     def _encode(self, record: dict, location: str) -> Document:
         segs = self.render(record)
         text = "".join(s.text for s in segs)
-        enc = self.tokenizer.tokenizer.encode(text, add_special_tokens=False)
+        enc = self.tokenizer.encode_text(text)
         ids = np.asarray(enc.ids, dtype=np.int32)
-        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-        tok_start, tok_end = offsets[:, 0], offsets[:, 1]
-        # Character spans of the response segments.
-        spans = []
+        spans = []  # character spans of the response segments
         pos = 0
         for s in segs:
             if s.kind == "response":
@@ -413,31 +410,22 @@ class ChatEncoder:
             pos += len(s.text)
         if not spans:
             raise DataError("conversation has no assistant turn to train on", "no_response")
-        span_start = np.array([a for a, _ in spans], dtype=np.int64)
-        span_end = np.array([b for _, b in spans], dtype=np.int64)
-        # Token t is in response span k when it overlaps it: k = first span ending after the token start.
-        k = np.searchsorted(span_end, tok_start, side="right")
-        kk = np.minimum(k, len(spans) - 1)
-        in_resp = (k < len(spans)) & (span_start[kk] < tok_end)
-        turn = np.where(in_resp, kk, -1)
-        # Token index ranges of every response: [first token, end token) with end at a token boundary.
-        resp_end_tok = np.searchsorted(tok_start, span_end, side="left")
-        aligned = np.zeros(len(spans), dtype=bool)
-        aligned[:] = (resp_end_tok >= len(ids)) | (
-            tok_start[np.minimum(resp_end_tok, len(ids) - 1)] == span_end
-        )
+        first, end, aligned = _response_token_ranges(enc, spans, len(text))
+        turn = np.full(len(ids), -1, dtype=np.int32)
+        for k, (a, b) in enumerate(zip(first, end)):
+            turn[a:b] = k
 
         n_tok = len(ids)
         truncated = False
         if self.max_length is not None and n_tok > self.max_length:
             if self.overlong != "truncate":
                 raise DataError(f"{n_tok} tokens, longer than the pack length {self.max_length}", "too_long")
-            ok = np.flatnonzero(aligned & (resp_end_tok <= self.max_length))
+            ok = np.flatnonzero(aligned & (end <= self.max_length))
             if ok.size == 0:
                 raise DataError(
                     f"{n_tok} tokens and no whole assistant turn fits in {self.max_length}", "too_long"
                 )
-            n_tok = int(resp_end_tok[ok[-1]])
+            n_tok = int(end[ok[-1]])
             ids, turn = ids[:n_tok], turn[:n_tok]
             truncated = True
         if self.loss_on == "last":
@@ -449,3 +437,33 @@ class ChatEncoder:
         if not loss_mask.any():
             raise DataError("no response token left to train on", "no_response")
         return Document(np.ascontiguousarray(ids), loss_mask, location, truncated)
+
+
+def _response_token_ranges(enc, spans: list[tuple[int, int]], text_len: int):
+    """Token ranges ``[first, end)`` of character spans: every token overlapping a span belongs to it.
+
+    ``aligned[k]``: the span ends exactly at a token boundary (a safe truncation point).
+    """
+    first = np.empty(len(spans), dtype=np.int64)
+    end = np.empty(len(spans), dtype=np.int64)
+    aligned = np.empty(len(spans), dtype=bool)
+    for k, (a, b) in enumerate(spans):
+        ta, tb = enc.char_to_token(a), enc.char_to_token(b - 1)
+        tnext = enc.char_to_token(b) if b < text_len else None
+        if ta is None or tb is None or (b < text_len and tnext is None):
+            return _response_token_ranges_from_offsets(enc, spans, text_len)
+        first[k], end[k] = ta, tb + 1
+        aligned[k] = b >= text_len or tnext != tb
+    return first, end, aligned
+
+
+def _response_token_ranges_from_offsets(enc, spans, text_len):
+    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    tok_start, tok_end = offsets[:, 0], offsets[:, 1]
+    span_start = np.array([a for a, _ in spans], dtype=np.int64)
+    span_end = np.array([b for _, b in spans], dtype=np.int64)
+    first = np.searchsorted(tok_end, span_start, side="right")  # first token ending after the span start
+    end = np.searchsorted(tok_start, span_end, side="left")  # tokens starting before the span end
+    last = np.minimum(end, len(tok_start) - 1)
+    aligned = (end >= len(tok_start)) | (tok_start[last] == span_end)
+    return first, end, aligned

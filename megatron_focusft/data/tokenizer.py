@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,6 +64,22 @@ class ChatTokenizer:
     chat_template: str | None
     folder: str
     added_tokens: str
+
+    def encode_text(self, text: str):
+        """``tokenizers.Encoding`` of ``text`` (no added BOS/EOS).
+
+        NFC normalisation of text that is already NFC is the identity, so the normaliser is skipped for such
+        text (identical ids and offsets, ~20% faster).  Not thread-safe (one tokenizer per worker process).
+        """
+        tk = self.tokenizer
+        norm = tk.normalizer
+        if type(norm).__name__ == "NFC" and unicodedata.is_normalized("NFC", text):
+            tk.normalizer = None
+            try:
+                return tk.encode(text, add_special_tokens=False)
+            finally:
+                tk.normalizer = norm
+        return tk.encode(text, add_special_tokens=False)
 
     def single_id(self, text: str) -> int:
         """The id of ``text``, which must tokenize as one token (a special token such as ``<|im_end|>``)."""
