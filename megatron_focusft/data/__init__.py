@@ -11,11 +11,22 @@ from .chat import (
     blocks_from_loss_mask,
     normalize_conversation,
 )
+from .dataset import Batch, PackedDataset, PackLoader, write_documents, write_packs
 from .errors import DataError
+from .packing import Pack, best_fit_decreasing, make_pack, pad_multiple
 from .reading import FieldNames, iter_records, parse_record
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 __all__ = [
+    "Batch",
+    "Pack",
+    "PackLoader",
+    "PackedDataset",
+    "best_fit_decreasing",
+    "make_pack",
+    "pad_multiple",
+    "write_documents",
+    "write_packs",
     "ChatEncoder",
     "ChatTokenizer",
     "DataError",
