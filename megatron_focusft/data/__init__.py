@@ -1,0 +1,42 @@
+"""Chat trajectories -> tokens, loss masks, context/response blocks -> packed long sequences on disk.
+
+``data/`` knows no model, attention backend or training loop: it yields token arrays and masks only.
+"""
+
+from .chat import (
+    ChatEncoder,
+    Document,
+    Qwen25Renderer,
+    TemplateRenderer,
+    blocks_from_loss_mask,
+    normalize_conversation,
+)
+from .dataset import Batch, PackedDataset, PackLoader, write_documents, write_packs
+from .errors import DataError
+from .packing import Pack, best_fit_decreasing, make_pack, pad_multiple
+from .reading import FieldNames, iter_records, parse_record
+from .tokenizer import ChatTokenizer, load_tokenizer
+
+__all__ = [
+    "Batch",
+    "Pack",
+    "PackLoader",
+    "PackedDataset",
+    "best_fit_decreasing",
+    "make_pack",
+    "pad_multiple",
+    "write_documents",
+    "write_packs",
+    "ChatEncoder",
+    "ChatTokenizer",
+    "DataError",
+    "Document",
+    "FieldNames",
+    "Qwen25Renderer",
+    "TemplateRenderer",
+    "blocks_from_loss_mask",
+    "iter_records",
+    "load_tokenizer",
+    "normalize_conversation",
+    "parse_record",
+]

@@ -1,0 +1,469 @@
+"""One conversation -> one :class:`Document`: rendered turn by turn, tokenized once, loss mask per token.
+
+Rendering
+    * ``Qwen25Renderer``: the built-in Qwen2.5 ChatML renderer (default system prompt, tools block in the
+      system turn, ``<tool_call>`` JSON inside the assistant turn, runs of tool results in one ``user`` turn).
+    * ``TemplateRenderer``: the checkpoint's own Jinja ``chat_template`` (rendered the way Hugging Face
+      ``apply_chat_template`` does), split into turns by rendering growing prefixes of the conversation and
+      checking that every prefix is a prefix of the full rendering.
+
+Both return segments (context / assistant header / assistant response).  The whole text is tokenized once
+(with character offsets), so the ids are exactly those of tokenizing the full rendering; a token is a
+response token when any of its characters lies in a response segment.
+
+Loss mask: 1 on the assistant body, its ``<|im_end|>`` and the newline after it; 0 on the
+``<|im_start|>assistant\\n`` header and every other turn.
+Blocks are the maximal runs of equal loss-mask value.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+
+from .errors import DataError
+from .reading import FieldNames
+from .tokenizer import ChatTokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+LossOn = Literal["all", "last"]
+Overlong = Literal["drop", "truncate", "error"]
+RendererName = Literal["auto", "template", "qwen2.5"]
+
+
+# --------------------------------------------------------------------------------------------- documents
+def blocks_from_loss_mask(loss_mask):
+    """Block ids: maximal runs of equal loss-mask value, numbered 0, 1, 2, ... along the last dimension.
+
+    ``block[0] = 0`` and ``block[t] = #{s <= t: mask[s] != mask[s-1]}``.  Works on NumPy arrays (int32 result)
+    and torch tensors (int64 result), 1-D or batched over leading dimensions.  For a packed sequence apply it
+    per document (or use the pack's ``block_ids``, which restart at 0 in each document).
+    """
+    if isinstance(loss_mask, np.ndarray):
+        m = loss_mask
+        out = np.zeros(m.shape, dtype=np.int32)
+        if m.shape[-1] > 1:
+            np.cumsum(m[..., 1:] != m[..., :-1], axis=-1, out=out[..., 1:])
+        return out
+    import torch
+
+    m = loss_mask
+    out = torch.zeros(m.shape, dtype=torch.long, device=m.device)
+    if m.shape[-1] > 1:
+        out[..., 1:] = (m[..., 1:] != m[..., :-1]).long().cumsum(-1)
+    return out
+
+
+@dataclass
+class Document:
+    """One tokenized conversation: ``input_ids`` (int32) and ``loss_mask`` (uint8, 1 = response token)."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    source: str = ""
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def block_ids(self) -> np.ndarray:
+        return blocks_from_loss_mask(self.loss_mask)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+# --------------------------------------------------------------------------------------------- messages
+def _text_content(content, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: only text parts are supported
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and "text" in part:
+                parts.append(part["text"])
+            else:
+                raise DataError(f"{where}: unsupported content part {str(part)[:60]!r}", "bad_record")
+        return "".join(parts)
+    raise DataError(f"{where}: content must be a string, got {type(content).__name__}", "bad_record")
+
+
+def _tool_call(call, where: str) -> dict:
+    if not isinstance(call, dict):
+        raise DataError(f"{where}: a tool call must be an object", "bad_record")
+    fn = call.get("function", call)
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: tool call without a function name", "bad_record")
+    args = fn.get("arguments", {})
+    if args is None:
+        args = {}
+    if isinstance(args, str):  # OpenAI form: arguments as a JSON string
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: tool call arguments are not valid JSON", "bad_record") from None
+    out = {"name": name, "arguments": args}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def normalize_conversation(record: dict, fields: FieldNames | None = None) -> tuple[list[dict], list | None]:
+    """Validate a record and return (messages, tools) in a canonical form.
+
+    Each message becomes ``{"role", "content": str}`` plus ``"tool_calls": [{"name", "arguments"}]`` on an
+    assistant turn that calls tools.  Raises :class:`DataError` (without location) on bad input.
+    """
+    fields = fields or FieldNames()
+    messages = record.get(fields.messages)
+    if isinstance(messages, str):  # e.g. a Parquet column holding JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise DataError(f"field {fields.messages!r} is not valid JSON", "malformed_json") from None
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"field {fields.messages!r} missing or not a non-empty list", "bad_record")
+    tools = record.get(fields.tools)
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError:
+            raise DataError(f"field {fields.tools!r} is not valid JSON", "malformed_json") from None
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"field {fields.tools!r} must be a list of function schemas", "bad_record")
+    out: list[dict] = []
+    for i, msg in enumerate(messages):
+        where = f"message {i}"
+        if not isinstance(msg, dict):
+            raise DataError(f"{where}: a message must be an object", "bad_record")
+        role = msg.get(fields.role)
+        role = fields.role_map.get(role, role)
+        if role not in ROLES:
+            raise DataError(
+                f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                "unknown_role",
+            )
+        content = _text_content(msg.get(fields.content), where)
+        norm = {"role": role, "content": content}
+        if role == "assistant":
+            calls = msg.get(fields.tool_calls) or []
+            if not isinstance(calls, list):
+                raise DataError(f"{where}: tool_calls must be a list", "bad_record")
+            if calls:
+                norm["tool_calls"] = [_tool_call(c, where) for c in calls]
+            elif not content.strip():
+                raise DataError(
+                    f"{where}: assistant turn with empty content and no tool_calls",
+                    "empty_assistant",
+                )
+        elif role == "tool":
+            j = len(out) - 1
+            while j >= 0 and out[j]["role"] == "tool":
+                j -= 1
+            if j < 0 or out[j]["role"] != "assistant" or not out[j].get("tool_calls"):
+                raise DataError(f"{where}: tool message with no preceding tool call", "orphan_tool")
+            call_id = msg.get("tool_call_id")
+            ids = [c["id"] for c in out[j]["tool_calls"] if "id" in c]
+            if isinstance(call_id, str) and ids and call_id not in ids:
+                raise DataError(
+                    f"{where}: tool message answers unknown tool_call_id {call_id!r}",
+                    "orphan_tool",
+                )
+        out.append(norm)
+    return out, tools
+
+
+# --------------------------------------------------------------------------------------------- renderers
+@dataclass
+class Segment:
+    text: str
+    kind: str  # "context" | "header" | "response"
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """Hugging Face's ``tojson`` filter (unlike Jinja's: no HTML escaping, keys kept in order)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class Qwen25Renderer:
+    """The Qwen2.5 ChatML rendering, identical to Qwen2.5-Instruct's ``chat_template``."""
+
+    name = "qwen2.5"
+
+    def __init__(self, default_system: str = QWEN25_DEFAULT_SYSTEM):
+        self.default_system = default_system
+
+    def render(self, messages: list[dict], tools: list | None) -> list[Segment]:
+        segs: list[Segment] = []
+        start = 0
+        system = self.default_system
+        if messages and messages[0]["role"] == "system":
+            system, start = messages[0]["content"], 1
+        if tools:
+            system += (
+                "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+                + "".join("\n" + _tojson(t) for t in tools)
+                + "\n</tools>\n\nFor each function call, return a json object with function name and "
+                'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+                '"arguments": <args-json-object>}\n</tool_call>'
+            )
+        segs.append(Segment(f"<|im_start|>system\n{system}<|im_end|>\n", "context"))
+        n = len(messages)
+        for i in range(start, n):
+            m = messages[i]
+            role = m["role"]
+            if role == "assistant":
+                calls = m.get("tool_calls")
+                segs.append(Segment("<|im_start|>assistant\n", "header"))
+                if not calls:
+                    body = m["content"]
+                else:
+                    body = m["content"] + "\n" if m["content"] else ""
+                    body += "\n".join(
+                        '<tool_call>\n{"name": "'
+                        + c["name"]
+                        + '", "arguments": '
+                        + _tojson(c["arguments"])
+                        + "}\n</tool_call>"
+                        for c in calls
+                    )
+                segs.append(Segment(body + "<|im_end|>\n", "response"))
+            elif role == "tool":
+                text = "" if i > 0 and messages[i - 1]["role"] == "tool" else "<|im_start|>user"
+                text += "\n<tool_response>\n" + m["content"] + "\n</tool_response>"
+                if i == n - 1 or messages[i + 1]["role"] != "tool":
+                    text += "<|im_end|>\n"
+                segs.append(Segment(text, "context"))
+            else:  # user, or a later system turn
+                segs.append(Segment(f"<|im_start|>{role}\n{m['content']}<|im_end|>\n", "context"))
+        return segs
+
+
+@lru_cache(maxsize=8)
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def strftime_now(fmt):
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+def _hf_messages(messages: list[dict]) -> list[dict]:
+    """Canonical messages in the Hugging Face form templates expect (tool calls under ``function``)."""
+    out = []
+    for m in messages:
+        hm = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            hm["tool_calls"] = [
+                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in m["tool_calls"]
+            ]
+        out.append(hm)
+    return out
+
+
+class TemplateRenderer:
+    """A checkpoint's Jinja chat template, split into turns by rendering growing prefixes."""
+
+    name = "template"
+
+    def __init__(self, template: str, special_tokens: dict | None = None):
+        self.source = template
+        self.template = _compile_template(template)
+        self.extra = {"bos_token": "", "eos_token": "<|im_end|>", **(special_tokens or {})}
+
+    def full(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = False) -> str:
+        if not messages:
+            return ""
+        try:
+            return self.template.render(
+                messages=_hf_messages(messages),
+                tools=tools or None,
+                add_generation_prompt=add_generation_prompt,
+                **self.extra,
+            )
+        except DataError:
+            raise
+        except Exception as e:  # jinja errors, raise_exception() in the template
+            raise DataError(f"chat template failed: {e}", "template") from None
+
+    def render(self, messages: list[dict], tools: list | None) -> list[Segment]:
+        full = self.full(messages, tools)
+        segs: list[Segment] = []
+        done = 0  # characters of `full` already assigned to segments (= rendering of the last stable prefix)
+        prev_ok = True  # the rendering of messages[:i] is a prefix of the full rendering and ends at `done`
+        n = len(messages)
+        for i in range(n):
+            prefix = full if i == n - 1 else self.full(messages[: i + 1], tools)
+            ok = len(prefix) >= done and full.startswith(prefix)
+            if messages[i]["role"] == "assistant":
+                if not (ok and prev_ok):
+                    raise DataError(
+                        f"message {i}: chat template is not prefix-stable at this assistant turn "
+                        "(turn-by-turn rendering differs from the full rendering); use the built-in renderer",
+                        "template",
+                    )
+                gen = self.full(messages[:i], tools, add_generation_prompt=True) if i else ""
+                header_end = len(gen) if len(gen) >= done and prefix.startswith(gen) else done
+                if header_end > done:
+                    segs.append(Segment(full[done:header_end], "header"))
+                segs.append(Segment(full[header_end : len(prefix)], "response"))
+            elif ok and len(prefix) > done:
+                segs.append(Segment(full[done : len(prefix)], "context"))
+            if ok:
+                done = len(prefix)
+            prev_ok = ok
+        if done < len(full):
+            segs.append(Segment(full[done:], "context"))
+        if "".join(s.text for s in segs) != full:  # holds by construction; the promise stays checked
+            raise DataError("turn-by-turn rendering differs from the full rendering", "template")
+        return segs
+
+
+# --------------------------------------------------------------------------------------------- encoder
+def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
+    """``auto``: the checkpoint's chat template when it has one, else the built-in Qwen2.5 renderer."""
+    if renderer == "qwen2.5" or (renderer == "auto" and not tokenizer.chat_template):
+        return Qwen25Renderer()
+    if not tokenizer.chat_template:
+        raise DataError(f"{tokenizer.folder}: no chat_template in this tokenizer folder", "tokenizer")
+    return TemplateRenderer(tokenizer.chat_template)
+
+
+class ChatEncoder:
+    """Record (dict) -> :class:`Document`, raising :class:`DataError` with the record's location.
+
+    ``max_length``: conversations longer than this are dropped / truncated / errors (``overlong``); all three
+    raise ``DataError(reason="too_long")`` when nothing can be kept, and the caller decides whether a
+    ``drop`` is silent (counted) or an error.  ``loss_on="last"`` trains on the last assistant turn only.
+    """
+
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        renderer: RendererName = "auto",
+        loss_on: LossOn = "all",
+        max_length: int | None = None,
+        overlong: Overlong = "drop",
+        fields: FieldNames | None = None,
+    ):
+        if loss_on not in ("all", "last"):
+            raise ValueError(f"loss_on must be 'all' or 'last', got {loss_on!r}")
+        if overlong not in ("drop", "truncate", "error"):
+            raise ValueError(f"overlong must be drop, truncate or error, got {overlong!r}")
+        self.tokenizer = tokenizer
+        self.renderer = make_renderer(tokenizer, renderer)
+        self.loss_on = loss_on
+        self.max_length = max_length
+        self.overlong = overlong
+        self.fields = fields or FieldNames()
+        for marker in ("<|im_start|>", "<|im_end|>"):
+            if tokenizer.tokenizer.token_to_id(marker) is not None:
+                tokenizer.single_id(marker)
+
+    def render(self, record: dict) -> list[Segment]:
+        messages, tools = normalize_conversation(record, self.fields)
+        return self.renderer.render(messages, tools)
+
+    def encode(self, record: dict, location: str = "") -> Document:
+        try:
+            return self._encode(record, location)
+        except DataError as e:
+            raise e.at(location) from None
+
+    def _encode(self, record: dict, location: str) -> Document:
+        segs = self.render(record)
+        text = "".join(s.text for s in segs)
+        enc = self.tokenizer.encode_text(text)
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        spans = []  # character spans of the response segments
+        pos = 0
+        for s in segs:
+            if s.kind == "response":
+                spans.append((pos, pos + len(s.text)))
+            pos += len(s.text)
+        if not spans:
+            raise DataError("conversation has no assistant turn to train on", "no_response")
+        first, end, aligned = _response_token_ranges(enc, spans, len(text))
+        turn = np.full(len(ids), -1, dtype=np.int32)
+        for k, (a, b) in enumerate(zip(first, end)):
+            turn[a:b] = k
+
+        n_tok = len(ids)
+        truncated = False
+        if self.max_length is not None and n_tok > self.max_length:
+            if self.overlong != "truncate":
+                raise DataError(f"{n_tok} tokens, longer than the pack length {self.max_length}", "too_long")
+            ok = np.flatnonzero(aligned & (end <= self.max_length))
+            if ok.size == 0:
+                raise DataError(
+                    f"{n_tok} tokens and no whole assistant turn fits in {self.max_length}", "too_long"
+                )
+            n_tok = int(end[ok[-1]])
+            ids, turn = ids[:n_tok], turn[:n_tok]
+            truncated = True
+        if self.loss_on == "last":
+            last = int(turn.max())
+            loss = (turn == last) & (last >= 0)
+        else:
+            loss = turn >= 0
+        loss_mask = loss.astype(np.uint8)
+        if not loss_mask.any():
+            raise DataError("no response token left to train on", "no_response")
+        return Document(np.ascontiguousarray(ids), loss_mask, location, truncated)
+
+
+def _response_token_ranges(enc, spans: list[tuple[int, int]], text_len: int):
+    """Token ranges ``[first, end)`` of character spans: every token overlapping a span belongs to it.
+
+    ``aligned[k]``: the span ends exactly at a token boundary (a safe truncation point).
+    """
+    first = np.empty(len(spans), dtype=np.int64)
+    end = np.empty(len(spans), dtype=np.int64)
+    aligned = np.empty(len(spans), dtype=bool)
+    for k, (a, b) in enumerate(spans):
+        ta, tb = enc.char_to_token(a), enc.char_to_token(b - 1)
+        tnext = enc.char_to_token(b) if b < text_len else None
+        if ta is None or tb is None or (b < text_len and tnext is None):
+            return _response_token_ranges_from_offsets(enc, spans, text_len)
+        first[k], end[k] = ta, tb + 1
+        aligned[k] = b >= text_len or tnext != tb
+    return first, end, aligned
+
+
+def _response_token_ranges_from_offsets(enc, spans, text_len):
+    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    tok_start, tok_end = offsets[:, 0], offsets[:, 1]
+    span_start = np.array([a for a, _ in spans], dtype=np.int64)
+    span_end = np.array([b for _, b in spans], dtype=np.int64)
+    first = np.searchsorted(tok_end, span_start, side="right")  # first token ending after the span start
+    end = np.searchsorted(tok_start, span_end, side="left")  # tokens starting before the span end
+    last = np.minimum(end, len(tok_start) - 1)
+    aligned = (end >= len(tok_start)) | (tok_start[last] == span_end)
+    return first, end, aligned

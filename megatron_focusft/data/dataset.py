@@ -1,0 +1,354 @@
+"""Packed datasets on disk (Megatron-Core indexed datasets, memory-mapped) and the per-rank loader.
+
+Files of a dataset with prefix ``P``:
+
+* ``P.bin`` / ``P.idx``                     token ids (int32).  One Megatron *sequence* per conversation, one
+                                            Megatron *document* per pack, so ``document_indices`` are the pack
+                                            boundaries and ``sequence_lengths`` the per-conversation lengths.
+* ``P.loss_mask.bin`` / ``P.loss_mask.idx`` the loss masks (uint8), same structure.
+* ``P.block_ids.bin`` / ``P.block_ids.idx`` block ids (uint16, restarting per conversation).
+* ``P.json``                               metadata: pack length, pad id, tokenizer, preprocessing statistics.
+
+:class:`PackLoader` yields :class:`Batch` es for one data-parallel rank.  The global sample stream is the
+concatenation of per-epoch permutations of all packs (``numpy.random.default_rng([seed, epoch])``); global
+step ``k`` takes stream positions ``[k * G, (k + 1) * G)`` with ``G = micro_batch_size * dp_size`` and rank
+``r`` the slice ``[r * mbs, (r + 1) * mbs)`` of it.  So every pack appears exactly once per epoch across
+ranks, and a loader built with ``consumed_samples`` (global samples, as Megatron counts them) resumes
+exactly there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .chat import Document, blocks_from_loss_mask
+from .packing import Pack, make_pack, round_up
+
+FORMAT_VERSION = 1
+LOSS_SUFFIX = ".loss_mask"
+BLOCK_SUFFIX = ".block_ids"
+
+
+def _indexed():
+    from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
+
+
+def dataset_files(prefix: str) -> list[str]:
+    """All files a packed dataset consists of (the metadata last)."""
+    out = []
+    for suffix in ("", LOSS_SUFFIX, BLOCK_SUFFIX):
+        out += [prefix + suffix + ".bin", prefix + suffix + ".idx"]
+    return out + [prefix + ".json"]
+
+
+# --------------------------------------------------------------------------------------------- writing
+class DocumentStore:
+    """Documents (tokens + loss mask) appended to a pair of indexed datasets, one sequence each."""
+
+    def __init__(self, prefix: str):
+        ix = _indexed()
+        self.prefix = prefix
+        self.tokens = ix.IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+        self.loss = ix.IndexedDatasetBuilder(prefix + LOSS_SUFFIX + ".bin", dtype=np.uint8)
+        self.lengths: list[int] = []
+
+    def add(self, doc: Document) -> None:
+        self.tokens.add_document(doc.input_ids, [len(doc)])
+        self.loss.add_document(doc.loss_mask, [len(doc)])
+        self.lengths.append(len(doc))
+
+    def finalize(self) -> None:
+        self.tokens.finalize(self.prefix + ".idx")
+        self.loss.finalize(self.prefix + LOSS_SUFFIX + ".idx")
+
+
+class _DocumentReader:
+    def __init__(self, prefix: str):
+        ix = _indexed()
+        self.tokens = ix.IndexedDataset(prefix, mmap=True)
+        self.loss = ix.IndexedDataset(prefix + LOSS_SUFFIX, mmap=True)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens[int(i)], self.loss[int(i)]
+
+
+def write_packs(prefix: str, docs, bins: list[list[int]], meta: dict) -> None:
+    """Write ``bins`` (lists of indices into ``docs``) as a packed dataset at ``prefix``.
+
+    ``docs[i]`` is a :class:`Document` or a ``(input_ids, loss_mask)`` pair.  All files are written into a
+    temporary folder beside the output and moved into place at the end (the metadata last), so a failure
+    leaves nothing behind under ``prefix``.
+    """
+    ix = _indexed()
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(prefix)}.tmp-", dir=out_dir)
+    try:
+        tprefix = os.path.join(tmp, "out")
+        tok_b = ix.IndexedDatasetBuilder(tprefix + ".bin", dtype=np.int32)
+        loss_b = ix.IndexedDatasetBuilder(tprefix + LOSS_SUFFIX + ".bin", dtype=np.uint8)
+        blk_b = ix.IndexedDatasetBuilder(tprefix + BLOCK_SUFFIX + ".bin", dtype=np.uint16)
+        real = 0
+        for b in bins:
+            items = [docs[i] for i in b]
+            items = [(d.input_ids, d.loss_mask) if isinstance(d, Document) else d for d in items]
+            lengths = [len(t) for t, _ in items]
+            blocks = [blocks_from_loss_mask(np.asarray(m)) for _, m in items]
+            if max(int(x[-1]) for x in blocks) > np.iinfo(np.uint16).max:
+                raise ValueError("a conversation has more than 65535 context/response blocks")
+            tok_b.add_document(np.concatenate([t for t, _ in items]), lengths)
+            loss_b.add_document(np.concatenate([m for _, m in items]), lengths)
+            blk_b.add_document(np.concatenate(blocks), lengths)
+            real += sum(lengths)
+        tok_b.finalize(tprefix + ".idx")
+        loss_b.finalize(tprefix + LOSS_SUFFIX + ".idx")
+        blk_b.finalize(tprefix + BLOCK_SUFFIX + ".idx")
+        meta = {
+            "format": "megatron_focusft.packed",
+            "version": FORMAT_VERSION,
+            "num_packs": len(bins),
+            "num_documents": sum(len(b) for b in bins),
+            "num_tokens": real,
+            **meta,
+        }
+        with open(tprefix + ".json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
+        for src, dst in zip(dataset_files(tprefix), dataset_files(prefix)):
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_documents(prefix: str, docs: list[Document], pack_length: int, meta: dict | None = None) -> None:
+    """Pack ``docs`` with best-fit-decreasing and write them (a convenience for tests and small data)."""
+    from .packing import best_fit_decreasing
+
+    bins = best_fit_decreasing([len(d) for d in docs], pack_length)
+    write_packs(prefix, docs, bins, {"pack_length": pack_length, **(meta or {})})
+
+
+# --------------------------------------------------------------------------------------------- reading
+class PackedDataset:
+    """Random access to the packs of a dataset written by :func:`write_packs` (memory-mapped)."""
+
+    def __init__(self, prefix: str):
+        meta_path = prefix + ".json"
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path}: not a packed dataset (missing metadata)")
+        with open(meta_path, encoding="utf-8") as f:
+            self.meta = json.load(f)
+        ix = _indexed()
+        self.prefix = prefix
+        self.tokens = ix.IndexedDataset(prefix, mmap=True)
+        self.loss = ix.IndexedDataset(prefix + LOSS_SUFFIX, mmap=True)
+        self.blocks = ix.IndexedDataset(prefix + BLOCK_SUFFIX, mmap=True)
+        self.pack_bounds = np.asarray(self.tokens.document_indices, dtype=np.int64)
+        n_seq = len(self.tokens.sequence_lengths)
+        if (
+            len(self.loss.sequence_lengths) != n_seq
+            or len(self.blocks.sequence_lengths) != n_seq
+            or self.pack_bounds[-1] != n_seq
+        ):
+            raise ValueError(f"{prefix}: token, loss-mask and block files disagree")
+        self.pack_length = int(self.meta["pack_length"])
+        self.pad_id = int(self.meta.get("pad_id", 0))
+        self._pack_lengths: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.pack_bounds) - 1
+
+    def pack_lengths(self) -> np.ndarray:
+        """Real tokens per pack (computed once)."""
+        if self._pack_lengths is None:
+            cum = np.concatenate([[0], np.cumsum(self.tokens.sequence_lengths, dtype=np.int64)])
+            self._pack_lengths = cum[self.pack_bounds[1:]] - cum[self.pack_bounds[:-1]]
+        return self._pack_lengths
+
+    def documents(self, i: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The (input_ids, loss_mask, block_ids) of every conversation in pack ``i``."""
+        s, e = int(self.pack_bounds[i]), int(self.pack_bounds[i + 1])
+        return list(zip(self.tokens[s:e], self.loss[s:e], self.blocks[s:e]))
+
+    def __getitem__(self, i: int) -> Pack:
+        return self.get(i)
+
+    def get(self, i: int, pad_to: int | None = None) -> Pack:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        docs = self.documents(i)
+        return make_pack(
+            [d[0] for d in docs],
+            [d[1] for d in docs],
+            [d[2].astype(np.int32) for d in docs],
+            pad_to=pad_to,
+            pad_id=self.pad_id,
+        )
+
+
+@dataclass
+class Batch:
+    """A micro-batch of packs, ``[b, s]`` tensors (torch) in the packed (one row = one pack) layout.
+
+    * ``tokens``, ``position_ids``, ``document_ids`` (-1 on padding), ``block_ids`` (-1 on padding): int64
+    * ``loss_mask``: float32, 1 where the *token* is a response token (what the attention mask rule reads)
+    * ``labels``: int64, ``tokens`` shifted left by one (the next token; ``pad_id`` at the very end)
+    * ``label_mask``: float32, 1 where the loss at position ``t`` counts, i.e. ``labels[t]`` is a response
+      token of the same document: ``loss_mask[t + 1] * (document_ids[t + 1] == document_ids[t])``
+    * ``cu_seqlens``: int32 ``[n + 1]``, segment boundaries of the flattened ``b * s`` tokens (every document
+      and every row's padding is a segment), as Megatron's THD ``PackedSeqParams`` expects; ``max_seqlen``
+    * ``sample_indices``: int64 ``[b]``, the packs' indices in the dataset
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    label_mask: torch.Tensor
+    position_ids: torch.Tensor
+    document_ids: torch.Tensor
+    block_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    sample_indices: torch.Tensor
+    num_real_tokens: list[int] = field(default_factory=list)
+
+    def to(self, device) -> Batch:
+        moved = {
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.__dict__.items()
+        }
+        return Batch(**moved)
+
+
+def collate(packs: list[Pack], sample_indices, pad_id: int) -> Batch:
+    """Stack equal-length packs into a :class:`Batch`."""
+    s = len(packs[0])
+    if any(len(p) != s for p in packs):
+        raise ValueError("packs of a batch must have equal (padded) lengths")
+
+    def stack(name, dtype):
+        return torch.from_numpy(np.stack([getattr(p, name).astype(dtype) for p in packs]))
+
+    tokens = stack("tokens", np.int64)
+    loss = stack("loss_mask", np.float32)
+    doc = stack("document_ids", np.int64)
+    labels = torch.full_like(tokens, pad_id)
+    labels[:, :-1] = tokens[:, 1:]
+    label_mask = torch.zeros_like(loss)
+    label_mask[:, :-1] = loss[:, 1:] * (doc[:, 1:] == doc[:, :-1]).float()
+    cu = [np.asarray(packs[0].cu_seqlens, dtype=np.int64)]
+    for r, p in enumerate(packs[1:], 1):
+        cu.append(np.asarray(p.cu_seqlens[1:], dtype=np.int64) + r * s)
+    cu_seqlens = torch.from_numpy(np.concatenate(cu).astype(np.int32))
+    return Batch(
+        tokens=tokens,
+        labels=labels,
+        loss_mask=loss,
+        label_mask=label_mask,
+        position_ids=stack("position_ids", np.int64),
+        document_ids=doc,
+        block_ids=stack("block_ids", np.int64),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(torch.diff(cu_seqlens).max()) if len(cu_seqlens) > 1 else 0,
+        sample_indices=torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)),
+        num_real_tokens=[p.num_real_tokens for p in packs],
+    )
+
+
+class PackLoader:
+    """Micro-batches of packs for one data-parallel rank: deterministic per-epoch shuffles, exact resume.
+
+    ``consumed_samples`` counts *global* samples (all ranks), as Megatron does; after each yielded batch it
+    grows by ``micro_batch_size * dp_size``, and ``PackLoader(..., consumed_samples=loader.consumed_samples)``
+    continues with the very next batch.  ``sequence_length`` (default: the pack length) rounded up to
+    ``pad_multiple`` gives every row the same static length; ``fixed_length=False`` pads each batch only to
+    its longest pack rounded up to ``pad_multiple`` (see :func:`megatron_focusft.data.packing.pad_multiple`).
+    ``num_epochs=None`` iterates forever; otherwise iteration stops before the first incomplete global batch.
+    """
+
+    def __init__(
+        self,
+        prefix: str | PackedDataset,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        micro_batch_size: int,
+        consumed_samples: int = 0,
+        *,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        sequence_length: int | None = None,
+        pad_multiple: int = 1,
+        fixed_length: bool = True,
+    ):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        if micro_batch_size < 1 or consumed_samples < 0:
+            raise ValueError("micro_batch_size must be >= 1 and consumed_samples >= 0")
+        self.dataset = prefix if isinstance(prefix, PackedDataset) else PackedDataset(prefix)
+        if len(self.dataset) == 0:
+            raise ValueError("the dataset has no packs")
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.micro_batch_size = micro_batch_size
+        self.consumed_samples = consumed_samples
+        self.shuffle, self.num_epochs = shuffle, num_epochs
+        self.pad_multiple = pad_multiple
+        self.fixed_length = fixed_length
+        length = sequence_length or self.dataset.pack_length
+        self.sequence_length = round_up(length, pad_multiple)
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.dp_size
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The packs' order in ``epoch`` (the same on every rank)."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def sample_at(self, position: int) -> int:
+        """The pack at a position of the global sample stream."""
+        n = len(self.dataset)
+        return int(self.epoch_order(position // n)[position % n])
+
+    def rank_positions(self, consumed: int) -> list[int]:
+        start = consumed + self.dp_rank * self.micro_batch_size
+        return list(range(start, start + self.micro_batch_size))
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed}
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        n = len(self.dataset)
+        if (
+            self.num_epochs is not None
+            and self.consumed_samples + self.global_batch_size > n * self.num_epochs
+        ):
+            raise StopIteration
+        indices = [self.sample_at(p) for p in self.rank_positions(self.consumed_samples)]
+        if self.fixed_length:
+            pad_to = self.sequence_length
+        else:
+            longest = max(int(self.dataset.pack_lengths()[i]) for i in indices)
+            pad_to = round_up(longest, self.pad_multiple)
+        packs = [self.dataset.get(i, pad_to=pad_to) for i in indices]
+        self.consumed_samples += self.global_batch_size
+        return collate(packs, indices, self.dataset.pad_id)

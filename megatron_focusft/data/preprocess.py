@@ -1,0 +1,211 @@
+"""Conversation files -> packed dataset on disk, with counts of everything skipped and why.
+
+Stages: read records (main process) -> render + tokenize (``workers`` processes, order kept) -> stage the
+documents in a temporary indexed dataset -> best-fit-decreasing on the lengths -> write the packs
+(:func:`megatron_focusft.data.dataset.write_packs`).  Nothing is left under the output prefix on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .chat import ChatEncoder, Document
+from .dataset import DocumentStore, _DocumentReader, write_packs
+from .errors import DataError
+from .packing import best_fit_decreasing, packing_efficiency
+from .reading import FieldNames, RawRecord, count_records, iter_records, parse_record
+from .tokenizer import load_tokenizer
+
+MAX_REPORTED_ERRORS = 20
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str]
+    tokenizer: str
+    out: str
+    pack_length: int
+    workers: int = 1
+    on_error: str = "skip"  # skip | fail
+    overlong: str = "drop"  # drop | truncate | error
+    loss_on: str = "all"  # all | last
+    renderer: str = "auto"  # auto | template | qwen2.5
+    added_tokens: str = "file"  # file | qwen2.5
+    fields: FieldNames = field(default_factory=FieldNames)
+    progress: bool = True
+    chunk_size: int = 32
+
+
+@dataclass
+class Stats:
+    conversations_read: int = 0
+    conversations_emitted: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    errors: list = field(default_factory=list)  # the first messages, "file:line: ..."
+    truncated: int = 0
+    tokens: int = 0
+    response_tokens: int = 0
+    packs: int = 0
+    pack_length: int = 0
+    packing_efficiency: float = 0.0
+    response_fraction: float = 0.0
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    workers: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def format_summary(s: Stats) -> str:
+    skipped = sum(s.skipped.values())
+    lines = [
+        f"conversations read     {s.conversations_read}",
+        f"conversations emitted  {s.conversations_emitted} ({s.truncated} truncated)",
+        f"conversations skipped  {skipped}"
+        + ("  (" + ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped.items())) + ")" if skipped else ""),
+        f"tokens                 {s.tokens} (response fraction {s.response_fraction:.3f})",
+        f"packs                  {s.packs} x {s.pack_length} tokens",
+        f"packing efficiency     {100 * s.packing_efficiency:.2f}% (real tokens / all tokens)",
+        f"time                   {s.seconds:.1f} s "
+        f"({s.tokens_per_second / max(1, s.workers):,.0f} tokens/s per worker)",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- workers
+_ENCODER: ChatEncoder | None = None
+
+
+def _make_encoder(cfg: PreprocessConfig) -> ChatEncoder:
+    tok = load_tokenizer(cfg.tokenizer, added_tokens=cfg.added_tokens)
+    return ChatEncoder(
+        tok,
+        renderer=cfg.renderer,
+        loss_on=cfg.loss_on,
+        max_length=cfg.pack_length,
+        overlong=cfg.overlong,
+        fields=cfg.fields,
+    )
+
+
+def _init_worker(cfg: PreprocessConfig) -> None:
+    global _ENCODER
+    _ENCODER = _make_encoder(cfg)
+
+
+def encode_records(records: list[RawRecord], encoder: ChatEncoder | None = None):
+    """[(location, Document | DataError)] for a chunk of raw records (run in a worker)."""
+    enc = encoder or _ENCODER
+    out = []
+    for rec in records:
+        try:
+            out.append((rec.location, enc.encode(parse_record(rec), rec.location)))
+        except DataError as e:
+            out.append((rec.location, e.at(rec.location)))
+    return out
+
+
+def _chunks(it, n):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+# --------------------------------------------------------------------------------------------- driver
+def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
+    """Run the whole preprocessing; raises :class:`DataError` under ``on_error="fail"`` (nothing written)."""
+    if cfg.on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be skip or fail, got {cfg.on_error!r}")
+    t0 = time.perf_counter()
+    encoder = _make_encoder(cfg)  # fails early on a bad tokenizer folder / options
+    total = count_records(cfg.inputs)
+    stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)
+    skipped: Counter = Counter()
+    out_dir = os.path.dirname(os.path.abspath(cfg.out))
+    os.makedirs(out_dir, exist_ok=True)
+    stage_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(cfg.out)}.stage-", dir=out_dir)
+    pool = None
+    try:
+        from tqdm import tqdm
+
+        stage = DocumentStore(os.path.join(stage_dir, "docs"))
+        chunks = _chunks(iter_records(cfg.inputs), cfg.chunk_size)
+        if cfg.workers > 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            pool = mp.get_context("fork").Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+            results = pool.imap(encode_records, chunks)
+        else:
+            results = (encode_records(c, encoder) for c in chunks)
+        bar = tqdm(total=total, unit="conv", disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
+        for chunk in results:
+            for _location, item in chunk:
+                stats.conversations_read += 1
+                if isinstance(item, Document):
+                    stage.add(item)
+                    stats.conversations_emitted += 1
+                    stats.truncated += int(item.truncated)
+                    stats.tokens += len(item)
+                    stats.response_tokens += item.num_loss_tokens
+                    continue
+                deliberate = item.reason == "too_long" and cfg.overlong in ("drop", "truncate")
+                if cfg.on_error == "fail" and not deliberate:
+                    raise item
+                skipped[item.reason] += 1
+                if len(stats.errors) < MAX_REPORTED_ERRORS:
+                    stats.errors.append(str(item))
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{stats.tokens / max(1e-9, time.perf_counter() - t0):,.0f}", refresh=False)
+        bar.close()
+        stage.finalize()
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        stats.skipped = dict(skipped)
+        if stats.conversations_emitted == 0:
+            raise DataError("no conversation left to write (all were skipped)", "empty")
+        bins = best_fit_decreasing(np.asarray(stage.lengths), cfg.pack_length)
+        stats.packs = len(bins)
+        stats.packing_efficiency = packing_efficiency(stats.tokens, len(bins), cfg.pack_length)
+        stats.response_fraction = stats.response_tokens / max(1, stats.tokens)
+        meta = {
+            "pack_length": cfg.pack_length,
+            "pad_id": encoder.tokenizer.pad_id,
+            "vocab_size": encoder.tokenizer.vocab_size,
+            "tokenizer": os.path.abspath(cfg.tokenizer),
+            "added_tokens": cfg.added_tokens,
+            "renderer": encoder.renderer.name,
+            "loss_on": cfg.loss_on,
+            "overlong": cfg.overlong,
+            "inputs": [os.path.abspath(p) for p in cfg.inputs],
+        }
+        docs = _DocumentReader(os.path.join(stage_dir, "docs"))
+        write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
+        stats.seconds = time.perf_counter() - t0
+        stats.tokens_per_second = stats.tokens / max(1e-9, stats.seconds)
+        return stats
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def write_stats_json(path: str, stats: Stats) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(stats.to_dict(), f, indent=2, ensure_ascii=False)

@@ -1,0 +1,166 @@
+"""tools/preprocess_data.py end to end: summary, stats, bad input under skip / fail, nothing partial."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_focusft.data.dataset import PackedDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN2_DIR = os.environ.get(
+    "QWEN2_TOKENIZER_DIR", os.path.join(os.path.dirname(ROOT), "shared", "qwen2-tokenizer")
+)
+if not os.path.isdir(QWEN2_DIR):
+    QWEN2_DIR = "/work/shared/qwen2-tokenizer"
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location(
+        "preprocess_data", os.path.join(ROOT, "tools", "preprocess_data.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+GOOD = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Question {i}? " * (1 + i)},
+            {"role": "assistant", "content": f"Answer {i}."},
+        ]
+    }
+    for i in range(12)
+]
+BAD_LINES = [
+    "{not json",
+    json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
+    json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}),
+    json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]}),
+]
+
+
+def write_jsonl(path, records, bad=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for line in bad:
+            f.write(line + "\n")
+
+
+def run(tmp_path, *extra, inputs=None):
+    out = tmp_path / "out" / "ds"
+    stats = tmp_path / "stats.json"
+    argv = [
+        "--input",
+        *(inputs or [str(tmp_path / "in.jsonl")]),
+        "--tokenizer",
+        QWEN2_DIR,
+        "--added-tokens",
+        "qwen2.5",
+        "--out",
+        str(out),
+        "--pack-length",
+        "256",
+        "--stats-json",
+        str(stats),
+        "--no-progress",
+        *extra,
+    ]
+    rc = load_tool().main(argv)
+    return rc, out, (json.loads(stats.read_text()) if stats.exists() else None)
+
+
+def test_skip_bad_records_and_report(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", GOOD, BAD_LINES)
+    rc, out, stats = run(tmp_path, "--workers", "2")
+    assert rc == 0
+    assert stats["conversations_read"] == 16 and stats["conversations_emitted"] == 12
+    assert stats["skipped"] == {
+        "malformed_json": 1,
+        "unknown_role": 1,
+        "empty_assistant": 1,
+        "orphan_tool": 1,
+    }
+    assert any(e.startswith("in.jsonl:13: malformed JSON") for e in stats["errors"])
+    assert any(
+        e.startswith("in.jsonl:15: message 1: assistant turn with empty content") for e in stats["errors"]
+    )
+    assert 0 < stats["response_fraction"] < 1 and 0 < stats["packing_efficiency"] <= 1
+    printed = capsys.readouterr()
+    assert "packing efficiency" in printed.out and "in.jsonl:14: message 0: unknown role" in printed.err
+    ds = PackedDataset(str(out))
+    assert ds.meta["num_documents"] == 12 and len(ds) == stats["packs"]
+    assert ds.meta["num_tokens"] == stats["tokens"]
+    assert stats["packing_efficiency"] == pytest.approx(stats["tokens"] / (256 * stats["packs"]))
+
+
+def test_fail_mode_exits_non_zero_and_leaves_nothing(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", GOOD, BAD_LINES[1:])
+    rc, out, stats = run(tmp_path, "--on-error", "fail")
+    assert rc == 1 and stats is None
+    assert "in.jsonl:13: message 0: unknown role 'robot'" in capsys.readouterr().err
+    assert os.listdir(out.parent) == []  # no .bin/.idx, no temporary folders
+
+
+def test_missing_tokenizer_and_overlong_policies(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    argv = [
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--tokenizer",
+        str(tmp_path / "no-such-dir"),
+        "--out",
+        str(tmp_path / "o" / "x"),
+        "--pack-length",
+        "64",
+    ]
+    assert load_tool().main(argv) == 1
+    assert "no-such-dir" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    long = [
+        {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+    ]
+    write_jsonl(tmp_path / "in.jsonl", GOOD + long)
+    rc, out, stats = run(tmp_path)  # drop (default)
+    assert rc == 0 and stats["skipped"] == {"too_long": 1} and stats["conversations_emitted"] == 12
+    rc, out, stats = run(tmp_path, "--overlong", "error", "--on-error", "fail")
+    assert rc == 1
+
+
+def test_parquet_input_and_cli(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": r["messages"]} for r in GOOD[:5]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    out = tmp_path / "cli" / "ds"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "preprocess_data.py"),
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--tokenizer",
+            QWEN2_DIR,
+            "--added-tokens",
+            "qwen2.5",
+            "--out",
+            str(out),
+            "--pack-length",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "conversations read     5" in proc.stdout and "100%" in proc.stderr  # tqdm progress bar
+    assert PackedDataset(str(out)).meta["num_documents"] == 5

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Chat conversations (JSONL / Parquet, OpenAI messages form) -> packed Megatron indexed dataset.
+
+    python tools/preprocess_data.py --input data.jsonl --tokenizer CKPT_DIR --out data/train \\
+        --pack-length 32768 --workers 8 --stats-json stats.json
+
+Writes ``OUT.bin/.idx`` (tokens), ``OUT.loss_mask.*``, ``OUT.block_ids.*`` and ``OUT.json`` (metadata).
+Exit status: 0 on success, 1 on a data error under ``--on-error fail`` (nothing is written), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_focusft.data.errors import DataError
+from megatron_focusft.data.preprocess import PreprocessConfig, format_summary, preprocess, write_stats_json
+from megatron_focusft.data.reading import FieldNames
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL / Parquet files")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="checkpoint folder with the tokenizer")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix")
+    p.add_argument("--pack-length", type=int, required=True, metavar="L", help="tokens per packed sequence")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizer processes")
+    p.add_argument("--stats-json", metavar="F", help="write the summary numbers to this JSON file")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="bad records (default skip)")
+    p.add_argument(
+        "--overlong",
+        choices=["drop", "truncate", "error"],
+        default="drop",
+        help="conversations longer than the pack length: drop them, truncate at a whole turn, or error",
+    )
+    p.add_argument("--loss-on", choices=["all", "last"], default="all", help="assistant turns to train on")
+    p.add_argument(
+        "--renderer",
+        choices=["auto", "template", "qwen2.5"],
+        default="auto",
+        help="auto: the folder's chat_template if any, else the built-in Qwen2.5 ChatML renderer",
+    )
+    p.add_argument(
+        "--added-tokens",
+        choices=["file", "qwen2.5"],
+        default="file",
+        help="qwen2.5: keep only Qwen2.5's 22 added tokens (ids 151643..151664)",
+    )
+    p.add_argument("--messages-field", default="messages")
+    p.add_argument("--tools-field", default="tools")
+    p.add_argument("--role-field", default="role")
+    p.add_argument("--content-field", default="content")
+    p.add_argument("--tool-calls-field", default="tool_calls")
+    p.add_argument("--role-map", default="", help="renames, e.g. human=user,gpt=assistant")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.pack_length < 1 or args.workers < 1:
+        p.error("--pack-length and --workers must be positive")
+    try:
+        args.role_map = dict(kv.split("=", 1) for kv in args.role_map.split(",") if kv)
+    except ValueError:
+        p.error("--role-map expects name=role pairs separated by commas")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = PreprocessConfig(
+        inputs=args.input,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        pack_length=args.pack_length,
+        workers=args.workers,
+        on_error=args.on_error,
+        overlong=args.overlong,
+        loss_on=args.loss_on,
+        renderer=args.renderer,
+        added_tokens=args.added_tokens,
+        fields=FieldNames(
+            messages=args.messages_field,
+            tools=args.tools_field,
+            role=args.role_field,
+            content=args.content_field,
+            tool_calls=args.tool_calls_field,
+            role_map=args.role_map,
+        ),
+        progress=not args.no_progress,
+    )
+    try:
+        stats = preprocess(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print("nothing was written", file=sys.stderr)
+        return 1
+    for msg in stats.errors:
+        print(f"skipped: {msg}", file=sys.stderr)
+    print(format_summary(stats))
+    if args.stats_json:
+        write_stats_json(args.stats_json, stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
