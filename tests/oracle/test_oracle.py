@@ -207,6 +207,36 @@ def test_first_inner_step_moves_only_B():
         assert not torch.equal(two.fast_weights[key][0], A0[key])  # step 2 moves A as well
 
 
+@pytest.mark.parametrize("clip", [1.0, 2e-3])
+def test_first_inner_step_is_clipped_sgd_on_B(clip):
+    """With B = 0, dL/dB = (alpha/r) * dL/dW @ A0^T, with dL/dW the plain SFT gradient (checked via HF)."""
+    model = tiny_model()
+    ids, lm = make_sample()
+    A0 = draw(model)
+    lr = 0.5
+    res = fo.oracle_step(
+        model,
+        ids,
+        lm,
+        A0,
+        mode="causal",
+        inner_steps=1,
+        inner_lr=lr,
+        inner_grad_clip=clip,
+        rank=RANK,
+        alpha=ALPHA,
+    )
+    _, sft = hf_sft(model, ids[None], labels_for(ids, lm)[None])
+    norms = []
+    for (i, t), (_, B) in res.fast_weights.items():
+        g = ALPHA / RANK * sft[f"model.layers.{i}.mlp.{t}.weight"] @ A0[(i, t)].T
+        norms.append(float(g.norm()))
+        expected = -lr * g * min(1.0, clip / norms[-1])  # each tensor clipped on its own
+        torch.testing.assert_close(B, expected, rtol=1e-4, atol=1e-9)
+    if clip < 1.0:
+        assert min(norms) < 0.9 * max(norms) and min(norms) > clip  # unequal norms, every tensor clipped
+
+
 def test_non_finite_inner_loss_skips_the_step():
     model = tiny_model()
     ids, lm = make_sample()
