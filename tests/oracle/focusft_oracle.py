@@ -184,7 +184,8 @@ def oracle_step(
         linear = getattr(layers[i].mlp, t)
         if tuple(A.shape) != (rank, linear.in_features):
             raise ValueError(f"A0[{i, t}] has shape {tuple(A.shape)}, want {(rank, linear.in_features)}")
-        fast[(i, t)] = (A.detach().to(dtype).clone(), torch.zeros(linear.out_features, rank, dtype=dtype))
+        B0 = torch.zeros(linear.out_features, rank, dtype=dtype, device=A.device)
+        fast[(i, t)] = (A.detach().to(dtype).clone(), B0)
     scale = alpha / rank
     mask4d = additive_mask(loss_mask, mode, dtype)
 
