@@ -136,3 +136,13 @@ def tp_shard(name: str, full: torch.Tensor, partition_dim: int | None, rank: int
         gate, up = torch.chunk(full, 2, dim=0)
         return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
     return full.chunk(size, dim=partition_dim)[rank]
+
+
+def tp_unshard(name: str, shards: list[torch.Tensor], partition_dim: int | None) -> torch.Tensor:
+    """Inverse of :func:`tp_shard`: the global tensor from every rank's shard (rank order)."""
+    if partition_dim is None or len(shards) == 1:
+        return shards[0]
+    if name.endswith("linear_fc1.weight"):
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=partition_dim)

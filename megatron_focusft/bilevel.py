@@ -1,0 +1,237 @@
+"""One FocuSFT step on one packed micro-batch: bottom layers once, K inner steps, the outer loss, backward.
+
+The paper's step (section 3, eq. 2-4), per document d of the pack:
+
+1. fast weights phi_d <- (A_d random, B_d = 0) on the FFN of the top layers;
+2. K times: phi_d <- phi_d - lr * clip(grad_phi L_d(theta, phi_d)), each tensor clipped on its own;
+3. outer loss L_d(theta, phi_d) with phi_d fixed (first order), backward into theta only.
+
+What is not done, because it need not be:
+
+- the bottom layers (no fast weights) run once: their output keeps its graph for the outer backward and
+  is detached for the inner steps;
+- inner backward passes reach only the top layers and compute no base-weight gradients (the top layers'
+  Megatron linears run as frozen for the inner passes, so no weight-gradient GEMMs);
+- the output layer and the cross entropy run only at response positions (vocab parallel, fp32).
+
+``sum_d L_d`` is differentiated once per inner step: document d's fast weights only touch document d's
+tokens and the mask never crosses documents, so every document gets exactly its own gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from megatron_focusft.attention import build_attention_mask
+from megatron_focusft.config import FocuSFTConfig
+from megatron_focusft.fast_weights import FastWeights, FastWeightSlot
+from megatron_focusft.packed_input import PackedInput
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The authors' per-tensor clip factor: ``max_norm / (norm + 1e-12)`` where ``norm > max_norm``, else 1.
+
+    (``torch.nn.utils.clip_grad_norm_`` would use ``min(1, max_norm / (norm + 1e-6))``: ~1e-6 apart.)
+    """
+    return torch.where(norm > max_norm, max_norm / (norm + 1e-12), torch.ones_like(norm))
+
+
+@dataclass
+class StepStats:
+    """What one micro-batch step measured (sums and counts, so the loop can reduce over micro-batches/DP)."""
+
+    outer_loss_sum: torch.Tensor  # sum of per-document mean losses ('sample') or of token losses ('token')
+    num_documents: int
+    num_response_tokens: int
+    inner_loss_before: torch.Tensor | None = None  # mean over documents, before adaptation
+    inner_losses: list[torch.Tensor] = field(default_factory=list)  # mean over documents, per inner step
+
+
+class BilevelStep:
+    """Runs :meth:`__call__` on packed micro-batches of ``model`` (built with fast-weight linears on the
+    layers of ``config.fast_layers`` sharing ``slot``)."""
+
+    def __init__(self, model: GPTModel, config: FocuSFTConfig, slot: FastWeightSlot, vocab_size: int) -> None:
+        self.model, self.config, self.slot, self.vocab_size = model, config, slot, vocab_size
+        tc = model.config
+        config.validate(
+            hidden_size=tc.hidden_size, ffn_hidden_size=tc.ffn_hidden_size, num_layers=tc.num_layers
+        )
+        self.fast_layers = list(config.fast_layers(tc.num_layers))
+        self.split = self.fast_layers[0] if config.uses_fast_weights else tc.num_layers
+        layers = list(model.decoder.layers)
+        self.bottom, self.top = layers[: self.split], layers[self.split :]
+        self.sequence_parallel = tc.sequence_parallel
+
+    # ---- model pieces -------------------------------------------------------------------------------
+
+    def _run(self, hidden: torch.Tensor, layers: Sequence[torch.nn.Module], ctx: dict) -> torch.Tensor:
+        for layer in layers:
+            hidden, _ = layer(hidden_states=hidden, **ctx)
+        return hidden
+
+    def _output_weight(self) -> torch.Tensor:
+        m = self.model
+        return (
+            m.shared_embedding_or_output_weight()
+            if m.share_embeddings_and_output_weights
+            else m.output_layer.weight
+        )
+
+    def token_losses(
+        self, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross entropy (fp32, vocab parallel) at ``positions`` only; ``hidden`` is the top's output."""
+        hidden = self.model.decoder.final_layernorm(hidden)
+        if self.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        selected = hidden[positions, 0]
+        if not self.sequence_parallel:
+            selected = copy_to_tensor_model_parallel_region(selected)
+        logits = F.linear(selected, self._output_weight()).float()
+        # Rows past the real vocabulary (Megatron's padding) are not tokens: they get no probability.
+        start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        if start + logits.shape[-1] > self.vocab_size:
+            padded = torch.arange(start, start + logits.shape[-1], device=logits.device) >= self.vocab_size
+            logits = logits.masked_fill(padded, float("-inf"))
+        return vocab_parallel_cross_entropy(logits, labels)
+
+    @contextmanager
+    def _top_weights_frozen(self) -> Iterator[None]:
+        """Inner passes need no base-weight gradients: Megatron's linears then skip the weight GEMMs."""
+        weights = [
+            p
+            for layer in self.top
+            for n, p in layer.named_parameters()
+            if n.endswith("weight") and p.requires_grad
+        ]
+        for p in weights:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in weights:
+                p.requires_grad_(True)
+
+    # ---- the step -------------------------------------------------------------------------------------
+
+    def __call__(self, inp: PackedInput, loss_scale: float, iteration: int = 0) -> StepStats:
+        """Forward, inner loop and outer backward (``loss_scale`` * outer loss sum) for one micro-batch."""
+        cfg = self.config
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if self.sequence_parallel and inp.length % tp:
+            raise ValueError(
+                f"pack length {inp.length} is not a multiple of the TP size {tp} (sequence parallel)"
+            )
+        mask = build_attention_mask(
+            cfg.attention_backend, inp.document_ids, inp.loss_mask, cfg.attention_mask
+        )
+        psp = inp.packed_seq_params()
+        rotary = self.model.rotary_pos_emb(psp.max_seqlen_q, packed_seq=True)
+        ctx = {"attention_mask": mask, "rotary_pos_emb": rotary, "packed_seq_params": psp}
+
+        positions = inp.label_mask[0].nonzero().reshape(-1)
+        labels = inp.labels[0, positions]
+        doc_of_position = inp.document_ids[0, positions]
+        segments = inp.segments()
+        num_docs = len(segments)
+        tokens_per_doc = torch.bincount(doc_of_position, minlength=num_docs).to(torch.float32)
+        if bool((tokens_per_doc == 0).any()):
+            raise ValueError("a document of the pack has no response token (the data pipeline drops those)")
+
+        def per_document(losses: torch.Tensor) -> torch.Tensor:
+            sums = torch.zeros(num_docs, dtype=losses.dtype, device=losses.device).index_add(
+                0, doc_of_position, losses
+            )
+            return sums / tokens_per_doc.to(losses.device)
+
+        hidden = self.model.embedding(input_ids=inp.tokens, position_ids=inp.position_ids)
+        hidden = self._run(hidden, self.bottom, ctx)
+
+        stats = StepStats(torch.zeros(()), num_docs, int(positions.numel()))
+        if cfg.uses_fast_weights:
+            tc = self.model.config
+            fast = FastWeights.initial(
+                layers=self.fast_layers,
+                targets=cfg.targets,
+                rank=cfg.lora_rank,
+                scale=cfg.lora_scale,
+                hidden_size=tc.hidden_size,
+                ffn_hidden_size=tc.ffn_hidden_size,
+                segments=segments,
+                document_keys=[(cfg.seed, iteration, *key) for key in inp.document_keys],
+                device=hidden.device,
+            )
+            inner_input = hidden.detach()
+            with self._top_weights_frozen():
+                for _ in range(cfg.inner_steps):
+                    self.slot.active = fast.requires_grad_()
+                    doc_losses = per_document(
+                        self.token_losses(self._run(inner_input, self.top, ctx), positions, labels)
+                    )
+                    stats.inner_losses.append(doc_losses.detach().mean())
+                    fast = self._inner_update(fast, doc_losses)
+            stats.inner_loss_before = stats.inner_losses[0] if stats.inner_losses else None
+            self.slot.active = fast.detached()
+        try:
+            token_losses = self.token_losses(self._run(hidden, self.top, ctx), positions, labels)
+        finally:
+            self.slot.active = None
+        if cfg.loss_reduction == "sample":
+            outer = per_document(token_losses).sum()
+        else:
+            outer = token_losses.sum()
+        (outer * loss_scale).backward()
+        stats.outer_loss_sum = outer.detach()
+        return stats
+
+    def _inner_update(self, fast: FastWeights, doc_losses: torch.Tensor) -> FastWeights:
+        """One SGD step per document on its fast weights, each tensor's gradient clipped on its own."""
+        cfg = self.config
+        finite = torch.isfinite(doc_losses)
+        entries = fast.tensors()
+        grads = torch.autograd.grad(
+            doc_losses[finite].sum(), [t for _, _, t in entries], allow_unused=True, materialize_grads=True
+        )
+        # A document whose loss is not finite skips its step (its gradient is zeroed, NaNs included).
+        grads = [torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, 0.0) for g in grads]
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if self.sequence_parallel and tp > 1:
+            # Replicated tensors saw only this rank's sequence chunk: sum their gradients over TP.
+            partial = [
+                g for (key, name, _), g in zip(entries, grads) if not FastWeights.is_sharded(key[1], name)
+            ]
+            if partial:
+                flat = torch.cat([g.reshape(-1) for g in partial])
+                dist.all_reduce(flat, group=tp_group)
+                for g, chunk in zip(partial, torch.split(flat, [g.numel() for g in partial])):
+                    g.copy_(chunk.view_as(g))
+        # Per document and per tensor: squared norms [num_tensors, D]; shards' squares summed over TP.
+        squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads])
+        sharded = torch.tensor(
+            [FastWeights.is_sharded(k[1], n) for k, n, _ in entries], device=squares.device
+        )
+        if tp > 1 and bool(sharded.any()):
+            shard_sq = squares[sharded]
+            dist.all_reduce(shard_sq, group=tp_group)
+            squares[sharded] = shard_sq
+        coef = clip_coefficient(squares.sqrt(), cfg.inner_grad_clip)
+        new_a, new_b = {}, {}
+        for i, ((key, name, tensor), g) in enumerate(zip(entries, grads)):
+            step = cfg.inner_lr * coef[i].view(-1, *([1] * (g.dim() - 1))) * g
+            (new_a if name == "A" else new_b)[key] = (tensor.detach() - step.to(tensor.dtype)).detach()
+        return FastWeights(new_a, new_b, fast.segments, fast.scale)
