@@ -56,8 +56,8 @@ class StepStats:
     outer_loss_sum: torch.Tensor  # sum of per-document mean losses ('sample') or of token losses ('token')
     num_documents: int
     num_response_tokens: int
-    inner_loss_before: torch.Tensor | None = None  # mean over documents, before adaptation
-    inner_losses: list[torch.Tensor] = field(default_factory=list)  # mean over documents, per inner step
+    document_losses: torch.Tensor | None = None  # [D] outer (adapted) mean response loss per document
+    inner_losses: list[torch.Tensor] = field(default_factory=list)  # [D] per inner step, before its update
 
 
 class BilevelStep:
@@ -67,9 +67,7 @@ class BilevelStep:
     def __init__(self, model: GPTModel, config: FocuSFTConfig, slot: FastWeightSlot, vocab_size: int) -> None:
         self.model, self.config, self.slot, self.vocab_size = model, config, slot, vocab_size
         tc = model.config
-        config.validate(
-            hidden_size=tc.hidden_size, ffn_hidden_size=tc.ffn_hidden_size, num_layers=tc.num_layers
-        )
+        config.validate(hidden_size=tc.hidden_size, ffn_hidden_size=tc.ffn_hidden_size)
         self.fast_layers = list(config.fast_layers(tc.num_layers))
         self.split = self.fast_layers[0] if config.uses_fast_weights else tc.num_layers
         layers = list(model.decoder.layers)
@@ -182,20 +180,17 @@ class BilevelStep:
                     doc_losses = per_document(
                         self.token_losses(self._run(inner_input, self.top, ctx), positions, labels)
                     )
-                    stats.inner_losses.append(doc_losses.detach().mean())
+                    stats.inner_losses.append(doc_losses.detach())
                     fast = self._inner_update(fast, doc_losses)
-            stats.inner_loss_before = stats.inner_losses[0] if stats.inner_losses else None
             self.slot.active = fast.detached()
         try:
             token_losses = self.token_losses(self._run(hidden, self.top, ctx), positions, labels)
         finally:
             self.slot.active = None
-        if cfg.loss_reduction == "sample":
-            outer = per_document(token_losses).sum()
-        else:
-            outer = token_losses.sum()
+        document_losses = per_document(token_losses)
+        outer = document_losses.sum() if cfg.loss_reduction == "sample" else token_losses.sum()
         (outer * loss_scale).backward()
-        stats.outer_loss_sum = outer.detach()
+        stats.outer_loss_sum, stats.document_losses = outer.detach(), document_losses.detach()
         return stats
 
     def _inner_update(self, fast: FastWeights, doc_losses: torch.Tensor) -> FastWeights:

@@ -46,9 +46,7 @@ class FocuSFTConfig:
         """Layers carrying fast weights: ``int(L * (1 - fraction)) .. L-1`` (18..27 of 28 at 0.35)."""
         return range(int(num_layers * (1 - self.layer_fraction)), num_layers)
 
-    def validate(
-        self, *, hidden_size: int, ffn_hidden_size: int, num_layers: int, pipeline_parallel_size: int = 1
-    ) -> None:
+    def validate(self, *, hidden_size: int, ffn_hidden_size: int, pipeline_parallel_size: int = 1) -> None:
         """Raise :class:`FocuSFTConfigError` naming the flag of the first bad setting."""
         if self.inner_steps < 0:
             raise FocuSFTConfigError(f"--focusft-inner-steps must be >= 0, got {self.inner_steps}")
@@ -84,8 +82,4 @@ class FocuSFTConfig:
             raise FocuSFTConfigError(
                 "fast weights need the whole top of the model on one pipeline stage: "
                 f"--pipeline-model-parallel-size {pipeline_parallel_size} is not supported with --bilevel"
-            )
-        if self.uses_fast_weights and len(self.fast_layers(num_layers)) == 0:
-            raise FocuSFTConfigError(
-                f"--focusft-layer-fraction {self.layer_fraction} selects no layer of {num_layers}"
             )
