@@ -137,9 +137,15 @@ class BilevelStep:
         mask = build_attention_mask(
             cfg.attention_backend, inp.document_ids, inp.loss_mask, cfg.attention_mask
         )
-        psp = inp.packed_seq_params()
-        rotary = self.model.rotary_pos_emb(psp.max_seqlen_q, packed_seq=True)
-        ctx = {"attention_mask": mask, "rotary_pos_emb": rotary, "packed_seq_params": psp}
+        if cfg.attention_backend == "te":  # TE reads document boundaries from Megatron's THD parameters
+            psp = inp.packed_seq_params()
+            rotary = self.model.rotary_pos_emb(psp.max_seqlen_q, packed_seq=True)
+            ctx = {"attention_mask": mask, "rotary_pos_emb": rotary, "packed_seq_params": psp}
+        else:
+            # RoPE angles gathered at each token's own position (restarting in every document): one
+            # elementwise rotation per layer, where Megatron's THD path loops over the pack's documents.
+            table = self.model.rotary_pos_emb(int(inp.position_ids.max()) + 1)  # [max_pos, 1, 1, d]
+            ctx = {"attention_mask": mask, "rotary_pos_emb": table[inp.position_ids[0]]}
 
         positions = inp.label_mask[0].nonzero().reshape(-1)
         labels = inp.labels[0, positions]

@@ -1,0 +1,149 @@
+"""Step-time benchmark of the paper's 2x2 ablation (bilevel x mask), side by side in one process.
+
+Modes (paper table 3): standard SFT (no bilevel, causal), SFT + bidirectional context (no bilevel, glm),
+causal bilevel, FocuSFT (bilevel, glm).  Each mode runs the same :class:`BilevelStep` on the same model and
+pack; only the config differs.  Reported per mode: step time (forward, inner loop, backward; no optimizer
+step, identical for all modes), tokens/s, TFLOP/s and MFU, peak memory, and the ratio to standard SFT.
+
+FLOPs are *SFT-equivalent*: the matmul FLOPs a standard SFT step on the pack needs (6 x tokens x
+layer parameters, the output layer at response positions, document-causal attention).  Every mode is
+credited the same useful work, so a slower mode shows a lower TFLOP/s and MFU instead of taking credit
+for its extra inner passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_focusft.attention import core_attention_class
+from megatron_focusft.attention.bench import synthetic_pack
+from megatron_focusft.bilevel import BilevelStep
+from megatron_focusft.config import FocuSFTConfig
+from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
+from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
+from megatron_focusft.packed_input import PackedInput
+
+ABLATION_MODES: dict[str, dict] = {
+    "standard SFT": {"bilevel": False, "attention_mask": "causal"},
+    "SFT + bidir": {"bilevel": False, "attention_mask": "glm"},
+    "causal bilevel": {"bilevel": True, "attention_mask": "causal"},
+    "FocuSFT": {"bilevel": True, "attention_mask": "glm"},
+}
+# Dense bf16 peak of the GPUs we measure on (no sparsity), for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def synthetic_input(seq_len: int, vocab_size: int, seed: int = 0) -> PackedInput:
+    """A pack of synthetic agentic trajectories (random token ids); documents without a response token
+    (the truncated tail) become padding, as the data pipeline would never emit them."""
+    docs, loss = synthetic_pack(seq_len, seed)
+    for d in docs.unique().tolist():
+        at = docs == d
+        idx = at.nonzero().reshape(-1)
+        if d >= 0 and not bool(loss[idx[1:]].any()):
+            docs[at], loss[at] = -1, 0
+    if (docs[:-1] == -1).logical_and(docs[1:] != -1).any():
+        raise AssertionError("padding must be the tail of the synthetic pack")
+    tokens = torch.randint(0, vocab_size, (seq_len,), generator=torch.Generator().manual_seed(seed))
+    ids = docs.unique_consecutive().tolist()
+    documents = [(tokens[docs == d], loss[docs == d]) for d in ids if d >= 0]
+    return PackedInput.from_documents(documents, pad_to=seq_len)
+
+
+def sft_flops(arch: Qwen2Arch, inp: PackedInput) -> float:
+    """Matmul FLOPs of one standard-SFT step (forward + backward = 3x forward) on ``inp``."""
+    h, ffn, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    qkv = h * (arch.num_attention_heads + 2 * arch.num_key_value_heads) * d
+    per_token_layer = 2 * (qkv + arch.num_attention_heads * d * h + 3 * h * ffn)
+    tokens = int((inp.document_ids >= 0).sum())
+    lengths = (inp.cu_seqlens[1:] - inp.cu_seqlens[:-1]).tolist()
+    starts = inp.cu_seqlens[:-1].tolist()
+    pairs = sum(n * (n + 1) // 2 for s, n in zip(starts, lengths) if int(inp.document_ids[0, s]) >= 0)
+    attention = 4 * arch.num_attention_heads * d * pairs
+    output = 2 * int(inp.label_mask.sum()) * h * arch.vocab_size
+    return 3.0 * (arch.num_layers * (tokens * per_token_layer + attention) + output)
+
+
+@dataclass
+class Row:
+    mode: str
+    step_ms: float
+    tokens_per_s: float
+    tflops: float
+    mfu: float | None
+    peak_gib: float | None
+    ratio: float = 1.0
+
+
+def run(
+    arch: Qwen2Arch,
+    seq_len: int,
+    base: FocuSFTConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int = 1,
+    iters: int = 3,
+    peak_tflops: float | None = None,
+) -> list[Row]:
+    """Time each ablation mode on one model and one pack; ratios are to standard SFT."""
+    slot = FastWeightSlot()
+    model = build_model(
+        arch,
+        core_attention_class(base.attention_backend),
+        params_dtype=dtype,
+        perform_initialization=False,
+        mlp_linears_for_layer=fast_weight_linears(slot, base.fast_layers(arch.num_layers), base.targets),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, arch.initializer_range)
+    model = model.to(device)
+    inp = synthetic_input(seq_len, arch.vocab_size).to(device)
+    flops = sft_flops(arch, inp)
+    rows: list[Row] = []
+    for mode, changes in ABLATION_MODES.items():
+        step = BilevelStep(model, dataclasses.replace(base, **changes), slot, arch.vocab_size)
+        for _ in range(warmup):
+            step(inp, loss_scale=1.0)
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(iters):
+            step(inp, loss_scale=1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / iters
+        model.zero_grad(set_to_none=True)
+        tflops = flops / seconds / 1e12
+        rows.append(
+            Row(
+                mode=mode,
+                step_ms=seconds * 1e3,
+                tokens_per_s=seq_len / seconds,
+                tflops=tflops,
+                mfu=tflops / peak_tflops if peak_tflops else None,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            )
+        )
+    for row in rows:
+        row.ratio = row.step_ms / rows[0].step_ms
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [
+        "| mode | step ms | tokens/s | TFLOP/s (SFT-equiv.) | MFU | peak GiB | step time / standard SFT |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
+        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
+        cells = [r.mode, f"{r.step_ms:.1f}", f"{r.tokens_per_s:,.0f}", f"{r.tflops:.3f}", mfu, peak]
+        lines.append("| " + " | ".join(cells) + f" | {r.ratio:.2f}x |")
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Step time of standard SFT, SFT + bidirectional context, causal bilevel and FocuSFT, side by side.
+
+    python tools/benchmark.py --preset qwen2.5-1.5b --seq-length 4096 --device cuda --dtype bf16
+    python tools/benchmark.py --preset tiny --seq-length 1024 --device cpu --dtype fp32 --backend dense
+
+One process, one model, one synthetic pack of agentic trajectories; only the FocuSFT config differs
+between the rows.  See ``megatron_focusft/benchmark.py`` for what is timed and how FLOPs are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from megatron_focusft import benchmark, runtime
+from megatron_focusft.config import FocuSFTConfig, FocuSFTConfigError
+from megatron_focusft.convert.megatron_io import DTYPES
+from megatron_focusft.models.qwen2 import ConfigError, get_preset, tiny_arch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="'tiny' or a Qwen2.5 preset, e.g. qwen2.5-1.5b")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument(
+        "--attention-backend",
+        "--backend",
+        dest="backend",
+        choices=("flex", "dense"),
+        default=None,
+        help="default: flex on cuda, dense on cpu (FlexAttention has no CPU backward)",
+    )
+    p.add_argument("--focusft-inner-steps", type=int, default=2)
+    p.add_argument("--focusft-lora-rank", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: known GPUs' bf16 peak")
+    args = p.parse_args(argv)
+    try:
+        arch = tiny_arch() if args.preset == "tiny" else get_preset(args.preset)
+        backend = args.backend or ("flex" if args.device == "cuda" else "dense")
+        base = FocuSFTConfig(
+            inner_steps=args.focusft_inner_steps, lora_rank=args.focusft_lora_rank, attention_backend=backend
+        )
+        base.validate(hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size)
+    except (ConfigError, FocuSFTConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runtime.initialize(args.device)
+    device = (
+        torch.device(args.device, torch.cuda.current_device())
+        if args.device == "cuda"
+        else torch.device("cpu")
+    )
+    peak = args.peak_tflops
+    if peak is None and args.device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in benchmark.PEAK_TFLOPS.items() if k in name), None)
+    rows = benchmark.run(
+        arch, args.seq_length, base, device, DTYPES[args.dtype], args.warmup, args.iters, peak
+    )
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(
+        f"{args.preset}, {args.seq_length} tokens/pack, {args.dtype}, {backend} attention, "
+        f"K={base.inner_steps}, rank {base.lora_rank}, {device_name}"
+    )
+    print(benchmark.format_table(rows))
+    runtime.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
