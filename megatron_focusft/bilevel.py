@@ -83,15 +83,9 @@ class BilevelStep:
 
     def _output_weight(self) -> torch.Tensor:
         m = self.model
-        return (
-            m.shared_embedding_or_output_weight()
-            if m.share_embeddings_and_output_weights
-            else m.output_layer.weight
-        )
+        return m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else m.output_layer.weight
 
-    def token_losses(
-        self, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
+    def token_losses(self, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross entropy (fp32, vocab parallel) at ``positions`` only; ``hidden`` is the top's output."""
         hidden = self.model.decoder.final_layernorm(hidden)
         if self.sequence_parallel:
@@ -111,10 +105,7 @@ class BilevelStep:
     def _top_weights_frozen(self) -> Iterator[None]:
         """Inner passes need no base-weight gradients: Megatron's linears then skip the weight GEMMs."""
         weights = [
-            p
-            for layer in self.top
-            for n, p in layer.named_parameters()
-            if n.endswith("weight") and p.requires_grad
+            p for layer in self.top for n, p in layer.named_parameters() if n.endswith("weight") and p.requires_grad
         ]
         for p in weights:
             p.requires_grad_(False)
@@ -131,12 +122,8 @@ class BilevelStep:
         cfg = self.config
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if self.sequence_parallel and inp.length % tp:
-            raise ValueError(
-                f"pack length {inp.length} is not a multiple of the TP size {tp} (sequence parallel)"
-            )
-        mask = build_attention_mask(
-            cfg.attention_backend, inp.document_ids, inp.loss_mask, cfg.attention_mask
-        )
+            raise ValueError(f"pack length {inp.length} is not a multiple of the TP size {tp} (sequence parallel)")
+        mask = build_attention_mask(cfg.attention_backend, inp.document_ids, inp.loss_mask, cfg.attention_mask)
         if cfg.attention_backend == "te":  # TE reads document boundaries from Megatron's THD parameters
             psp = inp.packed_seq_params()
             rotary = self.model.rotary_pos_emb(psp.max_seqlen_q, packed_seq=True)
@@ -157,9 +144,7 @@ class BilevelStep:
             raise ValueError("a document of the pack has no response token (the data pipeline drops those)")
 
         def per_document(losses: torch.Tensor) -> torch.Tensor:
-            sums = torch.zeros(num_docs, dtype=losses.dtype, device=losses.device).index_add(
-                0, doc_of_position, losses
-            )
+            sums = torch.zeros(num_docs, dtype=losses.dtype, device=losses.device).index_add(0, doc_of_position, losses)
             return sums / tokens_per_doc.to(losses.device)
 
         hidden = self.model.embedding(input_ids=inp.tokens, position_ids=inp.position_ids)
@@ -213,9 +198,7 @@ class BilevelStep:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if self.sequence_parallel and tp > 1:
             # Replicated tensors saw only this rank's sequence chunk: sum their gradients over TP.
-            partial = [
-                g for (key, name, _), g in zip(entries, grads) if not FastWeights.is_sharded(key[1], name)
-            ]
+            partial = [g for (key, name, _), g in zip(entries, grads) if not FastWeights.is_sharded(key[1], name)]
             if partial:
                 flat = torch.cat([g.reshape(-1) for g in partial])
                 dist.all_reduce(flat, group=tp_group)
@@ -223,9 +206,7 @@ class BilevelStep:
                     g.copy_(chunk.view_as(g))
         # Per document and per tensor: squared norms [num_tensors, D]; shards' squares summed over TP.
         squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads])
-        sharded = torch.tensor(
-            [FastWeights.is_sharded(k[1], n) for k, n, _ in entries], device=squares.device
-        )
+        sharded = torch.tensor([FastWeights.is_sharded(k[1], n) for k, n, _ in entries], device=squares.device)
         if tp > 1 and bool(sharded.any()):
             shard_sq = squares[sharded]
             dist.all_reduce(shard_sq, group=tp_group)

@@ -64,13 +64,9 @@ class FocuSFTConfig:
             raise FocuSFTConfigError("--focusft-inner-lr and --focusft-inner-grad-clip must be > 0")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
-            raise FocuSFTConfigError(
-                f"fast-weight targets {self.targets} must be a non-empty subset of {TARGETS}"
-            )
+            raise FocuSFTConfigError(f"fast-weight targets {self.targets} must be a non-empty subset of {TARGETS}")
         if self.attention_mask not in MASK_MODES:
-            raise FocuSFTConfigError(
-                f"--attention-mask must be one of {MASK_MODES}, got {self.attention_mask!r}"
-            )
+            raise FocuSFTConfigError(f"--attention-mask must be one of {MASK_MODES}, got {self.attention_mask!r}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise FocuSFTConfigError(f"--loss-reduction must be one of {LOSS_REDUCTIONS}")
         if self.attention_backend == "te" and self.attention_mask == "glm":

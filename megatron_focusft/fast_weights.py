@@ -75,9 +75,7 @@ class DocumentSegments:
         return out.to(device)
 
 
-def segment_linear(
-    x: torch.Tensor, weight: torch.Tensor, segments: DocumentSegments, offset: int = 0
-) -> torch.Tensor:
+def segment_linear(x: torch.Tensor, weight: torch.Tensor, segments: DocumentSegments, offset: int = 0) -> torch.Tensor:
     """``y[t] = weight[d(t)] @ x[t]`` for the tokens of document d, 0 elsewhere.
 
     ``x``: [n, b=1, in], rows ``offset .. offset + n`` of the pack (a sequence-parallel chunk has an
@@ -151,14 +149,11 @@ class FastWeights:
             for target in targets:
                 fan_in = ffn_hidden_size if target == "down" else hidden_size
                 draws = [
-                    draw_lora_a((*keys, layer, TARGET_IDS[target]), rank, fan_in, device)
-                    for keys in document_keys
+                    draw_lora_a((*keys, layer, TARGET_IDS[target]), rank, fan_in, device) for keys in document_keys
                 ]
                 full_a = torch.stack(draws) if draws else torch.zeros(0, rank, fan_in, device=device)
                 if target == "down":  # A split along its input (ffn); B replicated [h, r]
-                    a[layer, target] = full_a[
-                        :, :, tp_rank * ffn_local : (tp_rank + 1) * ffn_local
-                    ].contiguous()
+                    a[layer, target] = full_a[:, :, tp_rank * ffn_local : (tp_rank + 1) * ffn_local].contiguous()
                     b[layer, target] = torch.zeros(len(segments), hidden_size, rank, device=device)
                 else:  # A replicated [r, h]; B split along its output rows [ffn/tp, r]
                     a[layer, target] = full_a
@@ -208,9 +203,7 @@ def _sequence_offset(x: torch.Tensor, config: object) -> int:
 class FastWeightColumnParallelLinear(ColumnParallelLinear):
     """Megatron's ``linear_fc1`` (output ``[gate_i; up_i]``) plus per-document LoRA on gate and up."""
 
-    def __init__(
-        self, *args: object, slot: FastWeightSlot, layer: int, targets: Sequence[str], **kwargs: object
-    ):
+    def __init__(self, *args: object, slot: FastWeightSlot, layer: int, targets: Sequence[str], **kwargs: object):
         super().__init__(*args, **kwargs)
         self.slot, self.layer, self.targets = slot, layer, tuple(t for t in targets if t in ("gate", "up"))
 
@@ -243,9 +236,7 @@ class FastWeightColumnParallelLinear(ColumnParallelLinear):
 class FastWeightRowParallelLinear(RowParallelLinear):
     """Megatron's ``linear_fc2`` plus per-document LoRA on down (A split along ffn, B replicated)."""
 
-    def __init__(
-        self, *args: object, slot: FastWeightSlot, layer: int, targets: Sequence[str], **kwargs: object
-    ):
+    def __init__(self, *args: object, slot: FastWeightSlot, layer: int, targets: Sequence[str], **kwargs: object):
         super().__init__(*args, **kwargs)
         self.slot, self.layer, self.enabled = slot, layer, "down" in targets
 

@@ -18,8 +18,7 @@ def _qkv(s: int, dtype: torch.dtype, heads: int = 8, kv_heads: int = 2, d: int =
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(1, heads, s, d, generator=g, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (
-        torch.randn(1, kv_heads, s, d, generator=g, device="cuda", dtype=dtype, requires_grad=True)
-        for _ in range(2)
+        torch.randn(1, kv_heads, s, d, generator=g, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2)
     )
     return q, k, v
 

@@ -42,9 +42,7 @@ def test_inner_loop_lowers_every_documents_loss_and_leaves_base_weights_alone(me
         sft(pack, loss_scale=0.5)
         sgd.step()
 
-    bilevel = BilevelStep(
-        model, FocuSFTConfig(inner_steps=2, attention_backend="dense"), sft.slot, sft.vocab_size
-    )
+    bilevel = BilevelStep(model, FocuSFTConfig(inner_steps=2, attention_backend="dense"), sft.slot, sft.vocab_size)
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     names = set(before)
     model.zero_grad()

@@ -126,9 +126,7 @@ def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: 
             dim = tp_partition_dim(name)
             if dim is not None and tp > 1:
                 shards = [torch.empty_like(g) for _ in range(tp)]
-                dist.all_gather(
-                    shards, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
-                )
+                dist.all_gather(shards, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
                 g = tp_unshard(name, shards, dim)
             grads.update(zip(sources, to_hf(name, g, arch)))
         results.append({"grads": grads, "loss": stats.outer_loss_sum * scale})
@@ -172,6 +170,4 @@ def test_tp2_sequence_parallel_equals_oracle(hf_dir):
     ours = run_distributed(_megatron_grads, world_size=2, tp=2, args=(hf_dir, cfgs, True))
     for cfg, got in zip(cfgs, ours):
         ref, ref_loss = _oracle_grads(hf_dir, cfg)
-        _assert_close(
-            got["grads"], ref, got["loss"], ref_loss, ("tp2-sp", cfg.inner_steps, cfg.attention_mask)
-        )
+        _assert_close(got["grads"], ref, got["loss"], ref_loss, ("tp2-sp", cfg.inner_steps, cfg.attention_mask))

@@ -172,9 +172,7 @@ def test_tokenisation_matches_expected_qwen2_ids(encoder, tok, name):
 
 def test_rendering_of_tools_and_tool_results():
     text = full_text(CONVERSATIONS["tools"])
-    assert text.startswith(
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    )
+    assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
     assert "\n<tools>\n" + json.dumps(WEATHER_TOOL) + "\n</tools>" in text
     assert (
         "<|im_start|>assistant\n"
@@ -258,9 +256,7 @@ def test_overlong_drop_truncate_error(tok):
     assert doc.truncated and doc.input_ids.tolist() == EXPECTED_IDS["multi"][:23]
     assert runs(doc.loss_mask) == [(0, 20), (1, 3)]
     # loss on the last turn of what is kept
-    doc = ChatEncoder(tok, renderer="qwen2.5", max_length=30, overlong="truncate", loss_on="last").encode(
-        conv
-    )
+    doc = ChatEncoder(tok, renderer="qwen2.5", max_length=30, overlong="truncate", loss_on="last").encode(conv)
     assert runs(doc.loss_mask) == [(0, 20), (1, 3)]
     with pytest.raises(DataError, match="no whole assistant turn fits in 22"):
         ChatEncoder(tok, renderer="qwen2.5", max_length=22, overlong="truncate").encode(conv)

@@ -153,10 +153,7 @@ def test_property_every_document_once_per_epoch(tmp_path_factory, lengths, pack_
                 rc = [0] + [c - pack_length * r for c in rc if pack_length * r < c <= pack_length * (r + 1)]
                 seen_docs.append(
                     check_pack_against_docs(
-                        *(
-                            x[r].numpy()
-                            for x in (b.tokens, b.loss_mask, b.position_ids, b.document_ids, b.block_ids)
-                        ),
+                        *(x[r].numpy() for x in (b.tokens, b.loss_mask, b.position_ids, b.document_ids, b.block_ids)),
                         rc,
                         docs,
                     )

@@ -20,11 +20,7 @@ SETTINGS = settings(max_examples=50, deadline=None)
 
 
 @SETTINGS
-@given(
-    st.integers(1, 300).flatmap(
-        lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=80))
-    )
-)
+@given(st.integers(1, 300).flatmap(lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=80))))
 def test_every_document_in_exactly_one_bin_and_no_bin_overflows(case):
     cap, lengths = case
     bins = best_fit_decreasing(lengths, cap)

@@ -109,9 +109,7 @@ def test_flex_forward_equals_dense(models, mode):
         got = run_pack(models["flex"], "flex", mode, tokens, positions, docs, lm)
         assert_rel_close(got, want)
         # padded batch of two sequences (sbhd, b = 2), each one document + padding
-        docs2 = torch.stack(
-            [torch.where(torch.arange(48) < 40, 0, -1), torch.where(torch.arange(48) < 31, 0, -1)]
-        )
+        docs2 = torch.stack([torch.where(torch.arange(48) < 40, 0, -1), torch.where(torch.arange(48) < 31, 0, -1)])
         lm2 = torch.stack([lm, lm.roll(7)])
         tokens2 = torch.cat([tokens, tokens.roll(3)])
         pos2 = torch.arange(48).expand(2, 48)

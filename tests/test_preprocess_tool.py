@@ -13,17 +13,13 @@ import pytest
 from megatron_focusft.data.dataset import PackedDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QWEN2_DIR = os.environ.get(
-    "QWEN2_TOKENIZER_DIR", os.path.join(os.path.dirname(ROOT), "shared", "qwen2-tokenizer")
-)
+QWEN2_DIR = os.environ.get("QWEN2_TOKENIZER_DIR", os.path.join(os.path.dirname(ROOT), "shared", "qwen2-tokenizer"))
 if not os.path.isdir(QWEN2_DIR):
     QWEN2_DIR = "/work/shared/qwen2-tokenizer"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_data", os.path.join(ROOT, "tools", "preprocess_data.py")
-    )
+    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(ROOT, "tools", "preprocess_data.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -89,9 +85,7 @@ def test_skip_bad_records_and_report(tmp_path, capsys):
         "orphan_tool": 1,
     }
     assert any(e.startswith("in.jsonl:13: malformed JSON") for e in stats["errors"])
-    assert any(
-        e.startswith("in.jsonl:15: message 1: assistant turn with empty content") for e in stats["errors"]
-    )
+    assert any(e.startswith("in.jsonl:15: message 1: assistant turn with empty content") for e in stats["errors"])
     assert 0 < stats["response_fraction"] < 1 and 0 < stats["packing_efficiency"] <= 1
     printed = capsys.readouterr()
     assert "packing efficiency" in printed.out and "in.jsonl:14: message 0: unknown role" in printed.err
@@ -124,9 +118,7 @@ def test_missing_tokenizer_and_overlong_policies(tmp_path, capsys):
     assert load_tool().main(argv) == 1
     assert "no-such-dir" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    long = [
-        {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
-    ]
+    long = [{"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}]
     write_jsonl(tmp_path / "in.jsonl", GOOD + long)
     rc, out, stats = run(tmp_path)  # drop (default)
     assert rc == 0 and stats["skipped"] == {"too_long": 1} and stats["conversations_emitted"] == 12

@@ -32,17 +32,13 @@ def _megatron_logits(hf_dir: Path, tokens: torch.Tensor, sequence_parallel: bool
     from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
 
     arch = Qwen2Arch.from_hf_dir(hf_dir)
-    model = build_model(
-        arch, DenseAttention, sequence_parallel=sequence_parallel, perform_initialization=False
-    )
+    model = build_model(arch, DenseAttention, sequence_parallel=sequence_parallel, perform_initialization=False)
     fill_from_hf(model, HFCheckpointReader(hf_dir, arch), torch.float32, progress=False)
     with torch.no_grad():
         return megatron_logits(model.eval(), tokens, arch.vocab_size)
 
 
-def _megatron_logits_all(
-    cases: list[tuple[Path, torch.Tensor]], sequence_parallel: bool
-) -> list[torch.Tensor]:
+def _megatron_logits_all(cases: list[tuple[Path, torch.Tensor]], sequence_parallel: bool) -> list[torch.Tensor]:
     return [_megatron_logits(d, t, sequence_parallel) for d, t in cases]
 
 

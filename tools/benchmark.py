@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="'tiny' or a Qwen2.5 preset, e.g. qwen2.5-1.5b")
     p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument(
-        "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument(
         "--attention-backend",
@@ -54,18 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runtime.initialize(args.device)
-    device = (
-        torch.device(args.device, torch.cuda.current_device())
-        if args.device == "cuda"
-        else torch.device("cpu")
-    )
+    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     peak = args.peak_tflops
     if peak is None and args.device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in benchmark.PEAK_TFLOPS.items() if k in name), None)
-    rows = benchmark.run(
-        arch, args.seq_length, base, device, DTYPES[args.dtype], args.warmup, args.iters, peak
-    )
+    rows = benchmark.run(arch, args.seq_length, base, device, DTYPES[args.dtype], args.warmup, args.iters, peak)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
         f"{args.preset}, {args.seq_length} tokens/pack, {args.dtype}, {backend} attention, "

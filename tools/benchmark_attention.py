@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     backward = not args.forward_only and args.device == "cuda"
-    machine = (
-        torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'x86'})"
-    )
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'x86'})"
     print(
         f"# attention micro-benchmark on {machine}, torch {torch.__version__}, heads {args.heads}/"
         f"{args.kv_heads}, head dim {args.head_dim}, {args.dtype}, {'fwd+bwd' if backward else 'fwd only'}",

@@ -96,9 +96,7 @@ def main() -> None:
     nrng = np.random.default_rng(args.seed)
     targets = nrng.lognormal(np.log(args.median_tokens), args.sigma, args.conversations).astype(int)
     lines = [json.dumps(conversation(rng, int(t)), ensure_ascii=False) for t in targets]
-    enc = ChatEncoder(
-        load_tokenizer(args.tokenizer, args.added_tokens), renderer="auto", max_length=args.pack_length
-    )
+    enc = ChatEncoder(load_tokenizer(args.tokenizer, args.added_tokens), renderer="auto", max_length=args.pack_length)
     enc.encode(parse_record(RawRecord("warmup", lines[0])))
 
     lengths, dropped, tokens = [], 0, 0
@@ -119,17 +117,10 @@ def main() -> None:
     eff = packing_efficiency(int(sum(lengths)), len(bins), args.pack_length)
     lengths = np.asarray(lengths)
     print(f"conversations {len(lines)} (dropped as longer than {args.pack_length}: {dropped})")
+    print(f"document tokens: median {int(np.median(lengths))}, mean {int(lengths.mean())}, max {int(lengths.max())}")
+    print(f"tokens {tokens} in {dt:.2f} s: {tokens / dt:,.0f} tokens/s per worker (parse + render + tokenize + mask)")
     print(
-        f"document tokens: median {int(np.median(lengths))}, mean {int(lengths.mean())}, "
-        f"max {int(lengths.max())}"
-    )
-    print(
-        f"tokens {tokens} in {dt:.2f} s: {tokens / dt:,.0f} tokens/s per worker "
-        "(parse + render + tokenize + mask)"
-    )
-    print(
-        f"packs {len(bins)} x {args.pack_length}: packing efficiency {100 * eff:.2f}% "
-        f"(BFD in {dt_pack * 1e3:.1f} ms)"
+        f"packs {len(bins)} x {args.pack_length}: packing efficiency {100 * eff:.2f}% (BFD in {dt_pack * 1e3:.1f} ms)"
     )
 
 

@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     convert_args = (args.hf_dir, args.out, DTYPES[args.dtype], not args.no_progress)
     try:
-        runtime.launch_cpu_processes(
-            pipeline.hf_to_megatron, args.tp, runtime.ParallelLayout(args.tp), convert_args
-        )
+        runtime.launch_cpu_processes(pipeline.hf_to_megatron, args.tp, runtime.ParallelLayout(args.tp), convert_args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -136,9 +136,7 @@ def run_one(
         else:
 
             def attn():
-                return F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
-                )
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
         def step():
             out = attn()

@@ -68,9 +68,7 @@ class HFCheckpointReader:
         if weight_map is not None:
             for k, f in weight_map.items():
                 if k not in self._entries:
-                    raise ConfigError(
-                        f"{self.dir / f}: tensor {k!r} listed in {SAFETENSORS_INDEX} is missing"
-                    )
+                    raise ConfigError(f"{self.dir / f}: tensor {k!r} listed in {SAFETENSORS_INDEX} is missing")
         expected = set(hf_names(arch))
         unexpected = [k for k in self._entries if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
         if unexpected:
@@ -112,13 +110,9 @@ class HFCheckpointWriter:
         self._shards = plan_shards(plan, max_shard_bytes)
         n = len(self._shards)
         self._names = (
-            ["model.safetensors"]
-            if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
-        self._total_bytes = sum(
-            torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, d, s in plan
-        )
+        self._total_bytes = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, d, s in plan)
         self._shard = -1
         self._writer: StreamingShardWriter | None = None
         self._left = 0
@@ -128,9 +122,7 @@ class HFCheckpointWriter:
             if self._writer is not None:
                 self._writer.close()
             self._shard += 1
-            self._writer = StreamingShardWriter(
-                self.dir / self._names[self._shard], self._shards[self._shard]
-            )
+            self._writer = StreamingShardWriter(self.dir / self._names[self._shard], self._shards[self._shard])
             self._left = len(self._shards[self._shard])
         assert self._writer is not None
         self._writer.write(name, tensor)
@@ -143,9 +135,7 @@ class HFCheckpointWriter:
         if self._shard != len(self._shards) - 1 or self._left:
             raise RuntimeError("HF checkpoint closed before every planned tensor was written")
         if len(self._shards) > 1:
-            weight_map = {
-                name: self._names[i] for i, shard in enumerate(self._shards) for name, _, _ in shard
-            }
+            weight_map = {name: self._names[i] for i, shard in enumerate(self._shards) for name, _, _ in shard}
             index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
             (self.dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
 

@@ -29,7 +29,14 @@ from megatron.core.models.gpt import GPTModel
 from tqdm import tqdm
 
 from megatron_focusft.convert.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_tokenizer_files
-from megatron_focusft.convert.layout import hf_shape, megatron_sources, to_hf, to_megatron, tp_shard
+from megatron_focusft.convert.layout import (
+    hf_shape,
+    megatron_sources,
+    to_hf,
+    to_megatron,
+    tp_shard,
+    tp_unshard,
+)
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, tp_partition_dim
 
 META_FILE = "focusft_checkpoint.json"
@@ -71,8 +78,8 @@ class CheckpointMeta:
             raise ConfigError(f"{path}: unreadable checkpoint metadata ({e!r})") from None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder ``path`` names: itself, or the latest iteration of a training ``--save`` dir."""
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint folder ``path`` names (itself, or ``path/<latest>``), or None if it names none."""
     path = Path(path)
     if (path / META_FILE).is_file():
         return path
@@ -81,6 +88,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (target / META_FILE).is_file():
             return target
         raise ConfigError(f"{path / LATEST_FILE} points at {target}, which is not a checkpoint")
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder ``path`` names: itself, or the latest iteration of a training ``--save`` dir."""
+    path = Path(path)
+    found = latest_checkpoint(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise ConfigError(f"{path}: no such checkpoint folder")
     raise ConfigError(f"{path} is not a megatron_focusft checkpoint (no {META_FILE} and no {LATEST_FILE})")
@@ -150,9 +166,7 @@ def fill_from_hf(model: GPTModel, reader: HFCheckpointReader, dtype: torch.dtype
         full = to_megatron(name, [reader.get(s) for s in sources], arch)
         local = tp_shard(name, full, tp_partition_dim(name), tp_rank, tp_size)
         if local.shape != param.shape:
-            raise ConfigError(
-                f"{sources[0]}: gives {name} of shape {tuple(local.shape)}, expected {param.shape}"
-            )
+            raise ConfigError(f"{sources[0]}: gives {name} of shape {tuple(local.shape)}, expected {param.shape}")
         with torch.no_grad():
             param.copy_(local.to(dtype))
         filled.add(name)
@@ -161,14 +175,23 @@ def fill_from_hf(model: GPTModel, reader: HFCheckpointReader, dtype: torch.dtype
         raise RuntimeError(f"no HF source for Megatron parameters {sorted(unfilled)}")
 
 
-def megatron_to_hf_tensors(model: GPTModel, arch: Qwen2Arch) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs from a TP=1 Megatron model; fast weights and buffers are never exported."""
+def gathered_hf_tensors(model: GPTModel, arch: Qwen2Arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of a model split over a TP group (collective over the group): parameters
+    are all-gathered and unsharded one at a time.  Fast weights and buffers are never exported."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
     params = dict(model.named_parameters())
     for name, sources in megatron_sources(arch):
-        yield from zip(sources, to_hf(name, params[name].detach(), arch))
+        local = params[name].detach()
+        dim = tp_partition_dim(name)
+        if dim is not None and tp > 1:
+            shards = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(shards, local.contiguous(), group=group)
+            local = tp_unshard(name, [s.cpu() for s in shards], dim)
+        yield from zip(sources, to_hf(name, local.cpu(), arch))
 
 
-def write_hf_checkpoint(
+def export_hf(
     model: GPTModel,
     arch: Qwen2Arch,
     dtype: torch.dtype,
@@ -177,21 +200,24 @@ def write_hf_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = False,
 ) -> None:
-    """Write a Hugging Face folder (safetensors shards + index, config.json, tokenizer files)."""
-    plan = [(name, dtype, hf_shape(name, arch)) for _, sources in megatron_sources(arch) for name in sources]
-    writer = HFCheckpointWriter(out_dir, plan, max_shard_bytes)
-    n = len(plan)
-    for name, tensor in tqdm(
-        megatron_to_hf_tensors(model, arch),
-        total=n,
-        desc="megatron -> hf",
-        disable=not progress,
-        unit="tensor",
-    ):
-        writer.add(name, tensor.to(dtype))
-    writer.close()
-    (out_dir / "config.json").write_text(
-        json.dumps(arch.to_hf_config(str(dtype).removeprefix("torch.")), indent=2)
-    )
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        copy_tokenizer_files(tokenizer_dir, out_dir)
+    """Write a (possibly TP-split) model as a Hugging Face folder: safetensors shards + index, config.json,
+    tokenizer files.  Collective; rank 0 writes, tensor by tensor."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    with atomic_output_dir(Path(out_dir)) as tmp:
+        plan = [(n, dtype, hf_shape(n, arch)) for _, sources in megatron_sources(arch) for n in sources]
+        writer = HFCheckpointWriter(tmp, plan, max_shard_bytes) if rank0 else None
+        tensors = tqdm(
+            gathered_hf_tensors(model, arch),
+            total=len(plan),
+            desc="megatron -> hf",
+            unit="tensor",
+            disable=not (progress and rank0),
+        )
+        for name, tensor in tensors:
+            if writer is not None:
+                writer.add(name, tensor.to(dtype))
+        if writer is not None:
+            writer.close()
+            (tmp / "config.json").write_text(json.dumps(arch.to_hf_config(str(dtype).removeprefix("torch.")), indent=2))
+            if tokenizer_dir is not None and tokenizer_dir.is_dir():
+                copy_tokenizer_files(tokenizer_dir, tmp)

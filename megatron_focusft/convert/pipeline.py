@@ -18,11 +18,11 @@ from megatron_focusft.convert.hf_io import HFCheckpointReader, copy_tokenizer_fi
 from megatron_focusft.convert.megatron_io import (
     CheckpointMeta,
     atomic_output_dir,
+    export_hf,
     fill_from_hf,
     load_model,
     resolve_checkpoint,
     save_model,
-    write_hf_checkpoint,
 )
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model
 
@@ -64,10 +64,15 @@ def megatron_to_hf(
     meta = CheckpointMeta.read(ckpt_dir)
     model = build_model(meta.arch, DenseAttention, params_dtype=meta.dtype, perform_initialization=False)
     load_model(model, ckpt_dir)
-    with atomic_output_dir(Path(out_dir)) as tmp:
-        write_hf_checkpoint(
-            model, meta.arch, dtype or meta.dtype, tmp, ckpt_dir / "tokenizer", max_shard_bytes, progress
-        )
+    export_hf(
+        model,
+        meta.arch,
+        dtype or meta.dtype,
+        Path(out_dir),
+        ckpt_dir / "tokenizer",
+        max_shard_bytes,
+        progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,7 @@ def verify(hf_dir: Path, ckpt: Path, seq_len: int = 64, batch: int = 2, seed: in
     load_model(model, ckpt_dir)
     model = model.float().eval()
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    tokens = torch.randint(
-        0, arch.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed)
-    )
+    tokens = torch.randint(0, arch.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ours = megatron_logits(model, tokens, arch.vocab_size)
         ref = hf(tokens).logits

@@ -422,9 +422,7 @@ class ChatEncoder:
                 raise DataError(f"{n_tok} tokens, longer than the pack length {self.max_length}", "too_long")
             ok = np.flatnonzero(aligned & (end <= self.max_length))
             if ok.size == 0:
-                raise DataError(
-                    f"{n_tok} tokens and no whole assistant turn fits in {self.max_length}", "too_long"
-                )
+                raise DataError(f"{n_tok} tokens and no whole assistant turn fits in {self.max_length}", "too_long")
             n_tok = int(end[ok[-1]])
             ids, turn = ids[:n_tok], turn[:n_tok]
             truncated = True

@@ -223,8 +223,7 @@ class Batch:
 
     def to(self, device) -> Batch:
         moved = {
-            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in self.__dict__.items()
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
         }
         return Batch(**moved)
 
@@ -338,10 +337,7 @@ class PackLoader:
 
     def __next__(self) -> Batch:
         n = len(self.dataset)
-        if (
-            self.num_epochs is not None
-            and self.consumed_samples + self.global_batch_size > n * self.num_epochs
-        ):
+        if self.num_epochs is not None and self.consumed_samples + self.global_batch_size > n * self.num_epochs:
             raise StopIteration
         indices = [self.sample_at(p) for p in self.rank_positions(self.consumed_samples)]
         if self.fixed_length:

@@ -122,9 +122,7 @@ def parse_record(rec: RawRecord) -> dict:
     try:
         obj = json.loads(rec.raw)
     except json.JSONDecodeError as e:
-        raise DataError(
-            f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json", rec.location
-        ) from None
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json", rec.location) from None
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}", "bad_record", rec.location)
     return obj

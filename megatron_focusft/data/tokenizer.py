@@ -157,10 +157,7 @@ def _from_vocab_merges(folder: str, qwen25_only: bool) -> Tokenizer:
     if declared:
         entries = sorted((int(k), v["content"], bool(v.get("special", True))) for k, v in declared.items())
         if qwen25_only:
-            keep = {
-                (a["id"], a["content"])
-                for a in _keep_qwen25([{"id": t, "content": c} for t, c, _ in entries])
-            }
+            keep = {(a["id"], a["content"]) for a in _keep_qwen25([{"id": t, "content": c} for t, c, _ in entries])}
             entries = [e for e in entries if (e[0], e[1]) in keep]
     else:
         entries = [(QWEN25_FIRST_ADDED_ID + i, c, s) for i, (c, s) in enumerate(QWEN25_ADDED_TOKENS)]
@@ -187,9 +184,7 @@ def load_tokenizer(folder: str, added_tokens: AddedTokens = "file") -> ChatToken
             tok = Tokenizer.from_str(json.dumps(spec))
         except Exception as e:  # tokenizers raises a plain Exception on bad specs
             raise DataError(f"{tj}: cannot load tokenizer ({e})", reason="tokenizer") from e
-    elif os.path.exists(os.path.join(folder, "vocab.json")) and os.path.exists(
-        os.path.join(folder, "merges.txt")
-    ):
+    elif os.path.exists(os.path.join(folder, "vocab.json")) and os.path.exists(os.path.join(folder, "merges.txt")):
         tok = _from_vocab_merges(folder, qwen25_only=added_tokens == "qwen2.5")
     else:
         raise DataError(

@@ -128,9 +128,7 @@ class Qwen2Arch:
         try:
             config = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(
-                f"{path}: no such file (is {hf_dir} a Hugging Face checkpoint folder?)"
-            ) from None
+            raise ConfigError(f"{path}: no such file (is {hf_dir} a Hugging Face checkpoint folder?)") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: unreadable ({e})") from None
         if not isinstance(config, dict):
@@ -352,9 +350,7 @@ def build_model(
     )
 
     def spec_for(i: int) -> ModuleSpec:
-        fc1, fc2 = (
-            mlp_linears_for_layer(i) if mlp_linears_for_layer else (ColumnParallelLinear, RowParallelLinear)
-        )
+        fc1, fc2 = mlp_linears_for_layer(i) if mlp_linears_for_layer else (ColumnParallelLinear, RowParallelLinear)
         return layer_spec(core_attention, fc1, fc2)
 
     model = build_gpt_model(arch, config, block_spec(config, spec_for))

@@ -114,8 +114,7 @@ def lora_hooks(model, fast: dict[FastKey, tuple[torch.Tensor, torch.Tensor]], sc
         return lambda module, args, out: out + scale * F.linear(F.linear(args[0], A), B)
 
     handles = [
-        getattr(model.model.layers[i].mlp, t).register_forward_hook(make_hook(A, B))
-        for (i, t), (A, B) in fast.items()
+        getattr(model.model.layers[i].mlp, t).register_forward_hook(make_hook(A, B)) for (i, t), (A, B) in fast.items()
     ]
     try:
         yield
@@ -209,8 +208,7 @@ def oracle_step(
     loss, count = _sample_loss(model, input_ids, loss_mask, mask4d, fast, scale)
     loss.backward()
     grads = {
-        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-        for n, p in model.named_parameters()
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()
     }
     return OracleResult(loss.detach(), inner_losses + [loss.item()], grads, fast, count)
 

@@ -1,0 +1,1 @@
+"""The training program: flags, the loop, checkpoints, logs (optimizer and scheduler from megatron-core)."""

@@ -1,0 +1,191 @@
+"""``tools/train.py``'s flags (Megatron's names plus FocuSFT's), an optional YAML config, and the checks
+that must pass before any work starts.
+
+A YAML config uses the flag names as keys (``lr: 1.0e-5``, ``focusft-inner-steps: 2`` or
+``focusft_inner_steps: 2``); flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from megatron_focusft.config import FocuSFTConfig, FocuSFTConfigError
+from megatron_focusft.convert.megatron_io import META_FILE, CheckpointMeta, latest_checkpoint
+from megatron_focusft.models.qwen2 import ConfigError
+
+
+class ArgumentError(ValueError):
+    """A bad flag or flag combination; the message names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description="FocuSFT training on Megatron-Core")
+    p.add_argument("--config", type=Path, default=None, help="YAML file whose keys are these flags' names")
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--pretrained-checkpoint",
+        type=Path,
+        default=None,
+        help="starting weights (tools/convert_hf_to_megatron.py output); not needed to resume",
+    )
+    g.add_argument("--data-path", type=str, default=None, help="PREFIX written by tools/preprocess_data.py")
+    g.add_argument("--valid-data-path", type=str, default=None, help="PREFIX of a validation set")
+    g.add_argument("--seq-length", type=int, default=None, help="pack length (default: the data's)")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="packs per micro-batch and DP rank")
+    g.add_argument("--global-batch-size", type=int, default=32, help="packs per optimizer step")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.1)
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip (0: off)")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations, fp32 master weights")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None)
+    length.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g = p.add_argument_group("FocuSFT")
+    g.add_argument("--bilevel", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--attention-mask", choices=("causal", "glm"), default="glm")
+    g.add_argument(
+        "--attention-backend",
+        choices=("flex", "dense", "te"),
+        default=None,
+        help="default: flex on cuda, dense on cpu",
+    )
+    g.add_argument("--focusft-inner-steps", type=int, default=2)
+    g.add_argument("--focusft-inner-lr", type=float, default=1.0)
+    g.add_argument("--focusft-inner-grad-clip", type=float, default=1.0)
+    g.add_argument("--focusft-lora-rank", type=int, default=32)
+    g.add_argument("--focusft-lora-alpha", type=float, default=64.0)
+    g.add_argument("--focusft-layer-fraction", type=float, default=0.35)
+    g.add_argument("--loss-reduction", choices=("sample", "token"), default="sample")
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--load", type=Path, default=None, help="resume from the latest checkpoint here")
+    g.add_argument("--save", type=Path, default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None, help="save and exit after this many iterations")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--export-hf", type=Path, default=None, help="write a Hugging Face folder at the end")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--tensorboard-dir", type=Path, default=None)
+    g.add_argument("--wandb-project", type=str, default=None)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, with YAML values as defaults; raises :class:`ArgumentError` for unknown YAML keys."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config is not None:
+        parser.set_defaults(**_read_yaml(pre.config, parser))
+    return parser.parse_args(argv)
+
+
+def _read_yaml(path: Path, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ArgumentError(f"--config {path}: unreadable ({e})") from None
+    if not isinstance(raw, dict):
+        raise ArgumentError(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, value in raw.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known or dest == "config":
+            raise ArgumentError(f"--config {path}: unknown key {key!r} (keys are train.py's flag names)")
+        action = known[dest]
+        out[dest] = Path(value) if action.type is Path and value is not None else value
+    return out
+
+
+def focusft_config(args: argparse.Namespace) -> FocuSFTConfig:
+    return FocuSFTConfig(
+        bilevel=args.bilevel,
+        inner_steps=args.focusft_inner_steps,
+        inner_lr=args.focusft_inner_lr,
+        inner_grad_clip=args.focusft_inner_grad_clip,
+        lora_rank=args.focusft_lora_rank,
+        lora_alpha=args.focusft_lora_alpha,
+        layer_fraction=args.focusft_layer_fraction,
+        attention_mask=args.attention_mask,
+        attention_backend=args.attention_backend or ("flex" if args.device == "cuda" else "dense"),
+        loss_reduction=args.loss_reduction,
+        seed=args.seed,
+    )
+
+
+def resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint ``--load`` resumes from, None for a fresh start, or an error for a bad ``--load``."""
+    if args.load is None:
+        return None
+    load = Path(args.load)
+    if not load.exists() or (load.is_dir() and not any(load.iterdir())):
+        if args.save is not None and load.resolve() == Path(args.save).resolve():
+            return None  # a first run with --load == --save (auto-resume on SLURM)
+        raise ArgumentError(f"--load {load}: no such checkpoint folder")
+    found = latest_checkpoint(load)
+    if found is None:
+        raise ArgumentError(f"--load {load} is not a training checkpoint folder (no 'latest' file, no {META_FILE})")
+    return found
+
+
+def validate(args: argparse.Namespace, world_size: int | None = None) -> None:
+    """Every check that needs no model and no GPU; raises :class:`ArgumentError` naming the flag."""
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if tp < 1 or world_size % (tp * cp):
+        raise ArgumentError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
+            f"x --context-parallel-size {cp}"
+        )
+    if cp != 1:
+        raise ArgumentError("--context-parallel-size > 1 is not supported yet (context parallelism: issue 8)")
+    dp = world_size // (tp * cp)
+    if args.micro_batch_size < 1 or args.global_batch_size % (args.micro_batch_size * dp):
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp}"
+        )
+    if args.data_path is None:
+        raise ArgumentError("--data-path is required (a PREFIX written by tools/preprocess_data.py)")
+    for prefix, flag in ((args.data_path, "--data-path"), (args.valid_data_path, "--valid-data-path")):
+        if prefix is not None:
+            missing = [s for s in (".bin", ".idx", ".json") if not Path(prefix + s).is_file()]
+            if missing:
+                raise ArgumentError(f"{flag} {prefix}: missing {', '.join(prefix + s for s in missing)}")
+    if args.bf16 and args.device != "cuda":
+        raise ArgumentError("--bf16 needs --device cuda (Megatron's mixed-precision optimizer is CUDA-only)")
+    if args.epochs is None and args.train_iters is None:
+        raise ArgumentError("give --epochs or --train-iters")
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save")
+    resume = resume_checkpoint(args)
+    source = resume or args.pretrained_checkpoint
+    if source is None:
+        raise ArgumentError("--pretrained-checkpoint is required unless --load resumes a run")
+    try:
+        meta = CheckpointMeta.read(latest_checkpoint(Path(source)) or Path(source))
+        meta.arch.check_tensor_parallel(tp)
+        if args.sequence_parallel and tp == 1:
+            raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        focusft_config(args).validate(hidden_size=meta.arch.hidden_size, ffn_hidden_size=meta.arch.ffn_hidden_size)
+    except (ConfigError, FocuSFTConfigError) as e:
+        raise ArgumentError(str(e)) from None

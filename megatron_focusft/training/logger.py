@@ -1,0 +1,102 @@
+"""Rank-0 training logs: a line every ``--log-interval`` steps, TensorBoard, W&B, a progress bar on a TTY."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class MetricsLogger:
+    def __init__(
+        self, args: argparse.Namespace, train_iters: int, start_iteration: int, peak_tflops: float | None
+    ) -> None:
+        self.rank0 = dist.get_rank() == 0
+        self.interval = max(1, args.log_interval)
+        self.train_iters, self.peak = train_iters, peak_tflops
+        self.world = dist.get_world_size()
+        self.started, self.start_iteration = time.perf_counter(), start_iteration
+        self.window: list[tuple[float, float, float]] = []  # (seconds, tokens, flops) since the last line
+        self.tensorboard = self.wandb = self.bar = None
+        if not self.rank0:
+            return
+        if args.tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                msg = "--tensorboard-dir needs tensorboard (pip install 'megatron-focusft[tensorboard]')"
+                raise SystemExit(f"error: {msg}") from None
+            self.tensorboard = SummaryWriter(str(args.tensorboard_dir))
+        if args.wandb_project is not None:
+            try:
+                import wandb
+            except ImportError:
+                print("warning: --wandb-project given but wandb is not installed; not logging to W&B", file=sys.stderr)
+            else:
+                self.wandb = wandb.init(project=args.wandb_project, config=vars(args))
+        if sys.stdout.isatty() and not args.no_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=train_iters, initial=start_iteration, unit="step", dynamic_ncols=True)
+
+    def message(self, text: str) -> None:
+        if self.rank0:
+            (self.bar.write if self.bar else print)(text)
+
+    def log(self, state: object, metrics: dict[str, float], seconds: float) -> None:
+        if not self.rank0:
+            return
+        self.window.append((seconds, metrics["tokens"], metrics["flops"]))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if state.iteration % self.interval and state.iteration != self.train_iters:
+            return
+        secs = sum(w[0] for w in self.window)
+        tokens_per_s = sum(w[1] for w in self.window) / secs
+        tflops = sum(w[2] for w in self.window) / secs / 1e12 / self.world  # per GPU (SFT-equivalent)
+        self.window.clear()
+        done = state.iteration - self.start_iteration
+        eta = (time.perf_counter() - self.started) / max(done, 1) * (self.train_iters - state.iteration)
+        fields = {
+            "loss": metrics["loss"],
+            "inner_loss_before": metrics.get("inner_loss_before"),
+            "inner_loss_after": metrics.get("inner_loss_after"),
+            "grad_norm": metrics["grad_norm"],
+            "lr": metrics["lr"],
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        }
+        parts = [f"step {state.iteration}/{self.train_iters}", f"consumed {state.consumed_samples}"]
+        parts += [f"{k} {_fmt(v)}" for k, v in fields.items() if v is not None]
+        parts.append(f"eta {_duration(eta)}")
+        self.message(" | ".join(parts))
+        for k, v in fields.items():
+            if v is None:
+                continue
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar(f"train/{k}", v, state.iteration)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in fields.items() if v is not None}, step=state.iteration)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3e}" if abs(v) < 1e-2 or abs(v) >= 1e5 else f"{v:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -1,0 +1,265 @@
+"""The training loop, top to bottom: set up, then for each global batch: micro-batches through the bilevel
+step, gradient sync, optimizer and scheduler step, logs, checkpoints.
+
+Parallelism is set up in one place (:func:`setup`): Megatron's parallel state (TP x CP x DP), the model
+with its TP shards and fast-weight linears, Megatron's ``DistributedDataParallel``, and a data loader
+that gives every data-parallel rank its own packs.
+
+The loss of a global batch is normalised by the number of documents ('sample' reduction) or response
+tokens ('token') in the *whole* global batch, counted before the first backward and summed over DP
+ranks, and DDP sums (not averages) gradients: 4 micro-batches on one rank, 2 x 2 and 4 ranks x 1 give the
+same gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_focusft import runtime
+from megatron_focusft.attention import core_attention_class
+from megatron_focusft.benchmark import PEAK_TFLOPS, sft_flops
+from megatron_focusft.bilevel import BilevelStep
+from megatron_focusft.config import FocuSFTConfig
+from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model, resolve_checkpoint
+from megatron_focusft.data.dataset import PackedDataset, PackLoader
+from megatron_focusft.data.packing import pad_multiple
+from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
+from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
+from megatron_focusft.packed_input import PackedInput
+from megatron_focusft.training.arguments import focusft_config, resume_checkpoint, validate
+from megatron_focusft.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megatron_focusft.training.logger import MetricsLogger
+from megatron_focusft.training.optimizer import build_optimizer
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches, built by :func:`setup`."""
+
+    args: argparse.Namespace
+    arch: Qwen2Arch
+    meta: CheckpointMeta
+    config: FocuSFTConfig
+    model: torch.nn.Module  # the GPTModel (DDP's hooks live on its parameters)
+    ddp: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    step: BilevelStep
+    loader: PackLoader
+    state: TrainState
+    train_iters: int
+    micro_batches: int
+    device: torch.device
+    tokenizer_dir: Path | None
+
+
+def setup(args: argparse.Namespace) -> Trainer:
+    validate(args)  # every flag check happens before any work
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    runtime.initialize(args.device, runtime.ParallelLayout(tp, cp), seed=args.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    config = focusft_config(args)
+    resume = resume_checkpoint(args)
+    source = resume or resolve_checkpoint(args.pretrained_checkpoint)
+    meta = CheckpointMeta.read(source)
+    arch = meta.arch
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+
+    slot = FastWeightSlot()
+    recompute = {}
+    if args.recompute_granularity:
+        recompute = {"recompute_granularity": args.recompute_granularity}
+        if args.recompute_granularity == "full":
+            recompute.update(recompute_method="uniform", recompute_num_layers=1)
+    model = build_model(
+        arch,
+        core_attention_class(config.attention_backend),
+        params_dtype=dtype,
+        sequence_parallel=args.sequence_parallel,
+        perform_initialization=False,
+        mlp_linears_for_layer=fast_weight_linears(slot, config.fast_layers(arch.num_layers), config.targets),
+        calculate_per_token_loss=True,  # DDP sums gradients; the loop normalises by the global batch
+        **recompute,
+    ).to(device)
+    load_model(model, source)
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=args.device == "cuda",
+            use_distributed_optimizer=args.device == "cuda",
+        ),
+        model,
+    )
+    optimizer = build_optimizer(model, ddp, args)
+
+    dataset = PackedDataset(args.data_path)
+    dp = parallel_state.get_data_parallel_world_size()
+    micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+    train_iters = args.train_iters or max(1, math.floor(len(dataset) * args.epochs / args.global_batch_size))
+    warmup = int(args.lr_warmup_fraction * train_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=train_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+    )
+    state = load_checkpoint(resume, model, optimizer, scheduler) if resume else TrainState()
+    loader = PackLoader(
+        dataset,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp,
+        seed=args.seed,
+        micro_batch_size=args.micro_batch_size,
+        consumed_samples=state.consumed_samples,
+        sequence_length=args.seq_length,
+        pad_multiple=pad_multiple(tp, cp, args.sequence_parallel),
+    )
+    tokenizer_dir = source / "tokenizer"
+    return Trainer(
+        args=args,
+        arch=arch,
+        meta=CheckpointMeta(arch, dtype),
+        config=config,
+        model=model,
+        ddp=ddp,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        step=BilevelStep(model, config, slot, arch.vocab_size),
+        loader=loader,
+        state=state,
+        train_iters=train_iters,
+        micro_batches=micro_batches,
+        device=device,
+        tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+    )
+
+
+def train_step(t: Trainer) -> dict[str, float]:
+    """One global batch: every micro-batch through the bilevel step, then sync, clip and update."""
+    inputs = [PackedInput.from_batch(next(t.loader)).to(t.device) for _ in range(t.micro_batches)]
+    # The normaliser of the whole global batch, known before the first backward.
+    per_sample = t.config.loss_reduction == "sample"
+    local = sum(len(inp.document_keys) if per_sample else int(inp.label_mask.sum()) for inp in inputs)
+    counts = torch.tensor([float(local), 0.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=t.device)
+
+    t.ddp.zero_grad_buffer()
+    t.optimizer.zero_grad()
+    dp_group = parallel_state.get_data_parallel_group()
+    units = counts[:1].clone()
+    dist.all_reduce(units, group=dp_group)
+    flops = 0.0
+    for inp in inputs:
+        stats = t.step(inp, loss_scale=1.0 / float(units), iteration=t.state.iteration)
+        counts[1] += float(stats.outer_loss_sum)
+        if stats.inner_losses:
+            counts[2] += float(stats.inner_losses[0].sum())  # before adaptation, summed over documents
+            counts[3] += float(stats.document_losses.sum())  # after (the outer pass), summed over documents
+            counts[4] += stats.num_documents
+        flops += sft_flops(t.arch, inp)
+    finalize_model_grads([t.ddp])
+    _, grad_norm, _ = t.optimizer.step()
+    t.scheduler.step(increment=1)
+    dist.all_reduce(counts, group=dp_group)
+    t.state.iteration += 1
+    t.state.consumed_samples = t.loader.consumed_samples
+    out = {"loss": float(counts[1] / counts[0]), "grad_norm": float(grad_norm or 0.0), "flops": flops}
+    if counts[4] > 0:
+        out["inner_loss_before"] = float(counts[2] / counts[4])
+        out["inner_loss_after"] = float(counts[3] / counts[4])
+    out["lr"] = t.optimizer.param_groups[0]["lr"]
+    out["tokens"] = sum(float((inp.document_ids >= 0).sum()) for inp in inputs)
+    return out
+
+
+class _StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the running iteration, save, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.received = True
+
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _save(t: Trainer) -> None:
+    if t.args.save is not None:
+        save_checkpoint(
+            t.args.save,
+            t.state,
+            t.model,
+            t.optimizer,
+            t.scheduler,
+            CheckpointMeta(t.arch, t.meta.dtype, t.state.iteration),
+            t.tokenizer_dir,
+            t.args.keep_checkpoints,
+        )
+
+
+def train(args: argparse.Namespace) -> int:
+    """Run training to ``train_iters``; returns the process exit status."""
+    t = setup(args)
+    stop = _StopSignal()
+    peak = None
+    if args.device == "cuda":
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+    logger = MetricsLogger(args, t.train_iters, start_iteration=t.state.iteration, peak_tflops=peak)
+    while t.state.iteration < t.train_iters:
+        start = time.perf_counter()
+        metrics = train_step(t)
+        logger.log(t.state, metrics, time.perf_counter() - start)
+        if args.save_interval and t.state.iteration % args.save_interval == 0:
+            _save(t)
+        unfinished = t.state.iteration < t.train_iters
+        at_exit_interval = bool(args.exit_interval) and unfinished and t.state.iteration % args.exit_interval == 0
+        if stop.any_rank(t.device) or at_exit_interval:
+            _save(t)
+            why = "--exit-interval" if at_exit_interval else "a signal"
+            logger.message(f"stopped by {why} at iteration {t.state.iteration}; checkpoint saved")
+            logger.close()
+            runtime.destroy()
+            return 0
+    _save(t)
+    if args.export_hf is not None:
+        export_hf(t.model, t.arch, t.meta.dtype, args.export_hf, t.tokenizer_dir)
+        logger.message(f"exported the model to {args.export_hf}")
+    logger.close()
+    runtime.destroy()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_focusft.training.arguments import ArgumentError, parse_args
+
+    try:
+        args = parse_args(argv)
+        return train(args)
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

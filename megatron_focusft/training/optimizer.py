@@ -1,0 +1,123 @@
+"""The optimizer: Megatron-Core's on GPU (distributed optimizer, bf16 with fp32 master weights), and a
+small equivalent on CPU, where Megatron's optimizer wrappers hard-code CUDA tensors.
+
+Both read the gradients Megatron's ``DistributedDataParallel`` accumulated in ``param.main_grad``, clip by
+the global norm (tensor-parallel duplicates counted once), keep biases and norms out of weight decay, and
+expose ``param_groups`` so that Megatron's ``OptimizerParamScheduler`` drives the learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+
+def _param_groups(model: torch.nn.Module) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+
+
+class CpuOptimizer:
+    """AdamW or SGD over ``main_grad`` with Megatron's global-norm clip (for ``--device cpu``)."""
+
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace) -> None:
+        groups = _param_groups(model)
+        if args.optimizer == "adam":
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2)
+            )
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.weight_decay)
+        self.clip_grad = args.clip_grad
+        self.params = [p for g in groups for p in g["params"]]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient: TP-split tensors summed over ranks, duplicates once."""
+        sq = torch.zeros((), dtype=torch.float64)
+        for p in self.params:
+            if p.main_grad is not None and param_is_not_tensor_parallel_duplicate(p):
+                sq += p.main_grad.double().pow(2).sum()
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        return float(sq.sqrt())
+
+    def step(self) -> tuple[bool, float, None]:
+        for p in self.params:
+            p.grad = p.main_grad.to(p.dtype)
+        norm = self.grad_norm()
+        if self.clip_grad > 0 and norm > self.clip_grad:
+            for p in self.params:
+                p.grad.mul_(self.clip_grad / (norm + 1e-6))
+        self.optimizer.step()
+        return True, norm, None
+
+    def save(self, ckpt_dir: Path, model: torch.nn.Module) -> None:
+        """Per-rank state (resuming needs the same parallel layout, as on CPU tests and the quickstart)."""
+        (ckpt_dir / "optimizer").mkdir(exist_ok=True)
+        torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer" / f"rank_{dist.get_rank():05d}.pt")
+
+    def load(self, ckpt_dir: Path, model: torch.nn.Module) -> None:
+        path = ckpt_dir / "optimizer" / f"rank_{dist.get_rank():05d}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no optimizer state for this rank (was the parallel layout changed?)")
+        self.optimizer.load_state_dict(torch.load(path, weights_only=True))
+
+
+class GpuOptimizer:
+    """Megatron-Core's optimizer (``get_megatron_optimizer``) with its distributed checkpoint format."""
+
+    def __init__(self, model: torch.nn.Module, ddp_model: torch.nn.Module, args: argparse.Namespace) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        config = OptimizerConfig(
+            optimizer=args.optimizer,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            use_distributed_optimizer=True,
+        )
+        self.optimizer = get_megatron_optimizer(config, [ddp_model])
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> tuple[bool, float, int | None]:
+        return self.optimizer.step()
+
+    def save(self, ckpt_dir: Path, model: torch.nn.Module) -> None:
+        sharded = self.optimizer.sharded_state_dict(model.sharded_state_dict())
+        (ckpt_dir / "optimizer").mkdir(exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(sharded, str(ckpt_dir / "optimizer"))
+
+    def load(self, ckpt_dir: Path, model: torch.nn.Module) -> None:
+        sharded = self.optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        self.optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt_dir / "optimizer")))
+
+
+def build_optimizer(model: torch.nn.Module, ddp_model: torch.nn.Module, args: argparse.Namespace):
+    return GpuOptimizer(model, ddp_model, args) if args.device == "cuda" else CpuOptimizer(model, args)
