@@ -59,7 +59,7 @@ def load_samples(
         ds = PackedDataset(data)
         for i in range(len(ds)):
             for j, (ids, lm, _) in enumerate(ds.documents(i)):
-                ids, lm = np.asarray(ids), np.asarray(lm)
+                ids, lm = np.array(ids), np.array(lm)  # copies: the memory map closes with the dataset
                 if lm.any():
                     samples.append(Sample(ids, lm, token_roles(ids, tokenizer), f"pack {i} doc {j}"))
                 if limit is not None and len(samples) >= limit:
@@ -130,7 +130,8 @@ def analyze(
             grid=grid,
             **kwargs,
         )
-        decoder_hidden_states(model, fold_tokens(sample.input_ids, vocab_size), probe)
+        tokens = fold_tokens(sample.input_ids, vocab_size).to(next(model.parameters()).device)
+        decoder_hidden_states(model, tokens, probe)
         c, p, h = probe.finish()
         category.append(c)
         profile.append(p)

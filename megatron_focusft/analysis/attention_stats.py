@@ -95,7 +95,7 @@ def sample_stats(
     ``query_mask`` [q] selects the response queries; ``categories``/``bins`` [s] label the keys.  Works on a
     chunk of query rows (the caller adds the chunks).
     """
-    p = probs[:, query_mask].to(torch.float64).sum(dim=(0, 1))  # [s]: mass per key
+    p = probs[:, query_mask.to(probs.device)].to(torch.float64).sum(dim=(0, 1)).cpu()  # [s]: mass per key
     cat = torch.zeros(len(CATEGORIES), dtype=torch.float64).index_add_(0, categories, p)
     prof = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, p)
     return LayerSums(cat, prof)

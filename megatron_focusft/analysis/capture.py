@@ -95,7 +95,7 @@ class AttentionProbe:
             if acc.heatmap is None:
                 acc.heatmap = torch.zeros(self.grid, self.grid, dtype=torch.float64)
             by_key = torch.zeros(rows, self.grid, dtype=torch.float64)
-            by_key.index_add_(1, self.grid_index, probs.to(torch.float64).sum(0))
+            by_key.index_add_(1, self.grid_index, probs.to(torch.float64).sum(0).cpu())
             qbin = self.grid_index[start : start + rows]
             acc.heatmap.index_add_(0, qbin, by_key)
             self.heatmap_rows.index_add_(0, qbin, torch.ones(rows, dtype=torch.float64))
@@ -174,7 +174,7 @@ class ProbeAttention(DenseAttention):
         for a in range(0, s, chunk):
             e = min(s, a + chunk)
             scores = torch.matmul(q[0, :, a:e].float(), kt) * scale  # [heads, rows, s]
-            allowed = probe.mask.rows(a, e)[0]  # [rows, s]
+            allowed = probe.mask.rows(a, e)[0].to(q.device)  # [rows, s]
             probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
             out[0, :, a:e] = torch.matmul(probs, v[0].float()).to(out.dtype)
             probe.record(self.layer_number - 1, probs, a)
@@ -186,7 +186,7 @@ def decoder_hidden_states(model, tokens: torch.Tensor, attention_mask) -> torch.
 
     ``tokens`` [1, s]; positions 0..s-1 (RoPE).  Returns the final hidden states [s, 1, hidden].
     """
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     decoder_input = model.embedding(input_ids=tokens, position_ids=positions)
     rotary = model.rotary_pos_emb(tokens.shape[1])
     return model.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary)

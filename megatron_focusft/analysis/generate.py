@@ -91,11 +91,12 @@ def megatron_greedy(
         raise ValueError("empty prompt")
     ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt) + max_new_tokens)
     step = prefill_chunk or len(prompt)
+    device = next(model.parameters()).device
 
     def forward(ids: list[int]) -> int:
         start = ctx.sequence_len_offset
-        tokens = torch.tensor([ids], dtype=torch.long)
-        positions = torch.arange(start, start + len(ids))[None]
+        tokens = torch.tensor([ids], dtype=torch.long, device=device)
+        positions = torch.arange(start, start + len(ids), device=device)[None]
         logits = model(tokens, positions, None, inference_context=ctx, runtime_gather_output=True)
         ctx.sequence_len_offset += len(ids)
         logits = logits[0, -1, :vocab_size]  # gathered over TP ranks by the output layer
@@ -116,7 +117,7 @@ def megatron_greedy(
 @torch.no_grad()
 def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
     """Greedy continuation with a ``transformers`` causal LM (its own KV cache)."""
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
