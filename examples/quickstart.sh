@@ -26,4 +26,27 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 out = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=12, do_sample=False, pad_token_id=0)
 print("generated token ids:", out[0].tolist())
 PY
+echo "== 5. attention analysis and offline long-context evaluation (needs a Qwen2 tokenizer folder)"
+TOKENIZER=${QWEN2_TOKENIZER_DIR:-../shared/qwen2-tokenizer}
+if [ -f "$TOKENIZER/vocab.json" ] || [ -f "$TOKENIZER/tokenizer.json" ]; then
+  python3 -m pip install -q "matplotlib>=3.7"
+  python3 - "$WORK/convs.jsonl" <<'PY'
+import json, sys
+conv = {"messages": [
+    {"role": "system", "content": "You are a weather assistant."},
+    {"role": "user", "content": "Is it raining in Paris?"},
+    {"role": "assistant", "tool_calls": [{"name": "search", "arguments": {"q": "Paris weather"}}]},
+    {"role": "tool", "content": "Paris: light rain, 12 C."},
+    {"role": "assistant", "content": "Yes, there is light rain in Paris."}]}
+open(sys.argv[1], "w").write(json.dumps(conv) + "\n")
+PY
+  python3 tools/analyze_attention.py --ckpt "$WORK/megatron" --tokenizer "$TOKENIZER" --data "$WORK/convs.jsonl" \
+    --compare "$WORK/megatron" --compare-attention-mask glm --tp 2 --json "$WORK/attention.json" --plots "$WORK/plots"
+  python3 tools/evaluate.py --ckpt "$WORK/megatron" --tokenizer "$TOKENIZER" --tasks babilong_qa1,ruler_cwe \
+    --lengths 1k,2k --samples 2 --max-new-tokens 8 --tp 2 --json "$WORK/eval.json" --markdown "$WORK/eval.md"
+  python3 tools/evaluate.py --hf-dir "$WORK/hf-export" --tokenizer "$TOKENIZER" --tasks babilong_qa1,ruler_cwe \
+    --lengths 1k,2k --samples 2 --max-new-tokens 8 --json "$WORK/eval-hf.json"
+else
+  echo "skipped: no tokenizer at $TOKENIZER (set QWEN2_TOKENIZER_DIR)"
+fi
 echo "== done: outputs in $WORK"

@@ -1,0 +1,149 @@
+"""Attention analysis of a checkpoint on conversations: samples in, :class:`AttentionStats` out.
+
+model = load_probe_model(ckpt_dir)                    # collective under TP
+samples = load_samples(data, tokenizer, limit=8)      # JSONL conversations or a packed PREFIX
+stats = analyze(model, samples, mode="glm")
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megatron_focusft.analysis.attention_stats import AttentionStats, token_roles
+from megatron_focusft.analysis.capture import AttentionProbe, ProbeAttention, decoder_hidden_states
+
+
+@dataclass
+class Sample:
+    """One conversation: token ids, loss mask (1 = response), per-token roles (:func:`token_roles`)."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    roles: np.ndarray
+    source: str = ""
+
+
+def load_probe_model(ckpt: str | Path, dtype: torch.dtype | None = None):
+    """The checkpoint's model built with :class:`ProbeAttention` (eval mode; collective under TP)."""
+    from megatron_focusft.convert.megatron_io import CheckpointMeta, load_model, resolve_checkpoint
+    from megatron_focusft.models.qwen2 import build_model
+
+    ckpt_dir = resolve_checkpoint(ckpt)
+    meta = CheckpointMeta.read(ckpt_dir)
+    model = build_model(meta.arch, ProbeAttention, params_dtype=meta.dtype, perform_initialization=False)
+    load_model(model, ckpt_dir)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), meta.arch
+
+
+def load_samples(
+    data: str, tokenizer, limit: int | None = None, max_length: int | None = None
+) -> list[Sample]:
+    """Conversations from a JSONL file (rendered with the checkpoint's tokenizer / chat template) or from
+    a packed dataset ``PREFIX`` (``PREFIX.json`` exists): every document of the packs is one sample.
+
+    Samples without a response token are skipped; ``limit`` keeps the first N.
+    """
+    samples: list[Sample] = []
+    if os.path.exists(data + ".json") and not data.endswith((".jsonl", ".json")):
+        from megatron_focusft.data import PackedDataset
+
+        ds = PackedDataset(data)
+        for i in range(len(ds)):
+            for j, (ids, lm, _) in enumerate(ds.documents(i)):
+                ids, lm = np.array(ids), np.array(lm)  # copies: the memory map closes with the dataset
+                if lm.any():
+                    samples.append(Sample(ids, lm, token_roles(ids, tokenizer), f"pack {i} doc {j}"))
+                if limit is not None and len(samples) >= limit:
+                    return samples
+        return samples
+    from megatron_focusft.data import ChatEncoder, DataError, iter_records, parse_record
+
+    encoder = ChatEncoder(tokenizer, max_length=max_length, overlong="truncate")
+    for rec in iter_records([data]):
+        try:
+            doc = encoder.encode(parse_record(rec), getattr(rec, "location", ""))
+        except DataError as e:
+            warnings.warn(f"skipped: {e}", stacklevel=2)
+            continue
+        samples.append(
+            Sample(doc.input_ids, doc.loss_mask, token_roles(doc.input_ids, tokenizer), doc.source)
+        )
+        if limit is not None and len(samples) >= limit:
+            break
+    return samples
+
+
+def fold_tokens(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """Token ids as a [1, s] tensor; ids the model's vocabulary lacks (a tiny test model read with a real
+    tokenizer) are folded modulo the vocabulary size, with a warning."""
+    t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
+    if int(t.max()) >= vocab_size:
+        warnings.warn(
+            f"token ids up to {int(t.max())} exceed the model's vocabulary ({vocab_size}); folding them "
+            "modulo the vocabulary size (only meaningful for tiny test models)",
+            stacklevel=2,
+        )
+        t = t % vocab_size
+    return t
+
+
+@torch.no_grad()
+def analyze(
+    model,
+    samples: list[Sample],
+    mode: str = "causal",
+    *,
+    vocab_size: int | None = None,
+    bins: int = 32,
+    heatmap_layer: int | None = None,
+    grid: int = 128,
+    chunk_elements: int | None = None,
+    progress: bool = False,
+) -> AttentionStats:
+    """Per-layer sink mass / context engagement / positional profile, averaged over ``samples``.
+
+    ``heatmap_layer`` (0-based, default the middle layer): its pooled attention map on the first sample.
+    Collective under tensor parallelism (every rank passes the same samples).
+    """
+    num_layers = len(model.decoder.layers)
+    if heatmap_layer is None:
+        heatmap_layer = num_layers // 2
+    vocab_size = vocab_size or model.embedding.word_embeddings.num_embeddings
+    category, profile, heat = [], [], None
+    for n, sample in enumerate(tqdm(samples, desc="attention", disable=not progress, unit="sample")):
+        kwargs = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+        probe = AttentionProbe(
+            torch.as_tensor(sample.roles),
+            torch.as_tensor(sample.loss_mask),
+            mode,
+            bins=bins,
+            heatmap_layer=heatmap_layer if n == 0 else None,
+            grid=grid,
+            **kwargs,
+        )
+        tokens = fold_tokens(sample.input_ids, vocab_size).to(next(model.parameters()).device)
+        decoder_hidden_states(model, tokens, probe)
+        c, p, h = probe.finish()
+        category.append(c)
+        profile.append(p)
+        if h is not None:
+            heat = h
+    if not category:
+        raise ValueError("no sample to analyse")
+    return AttentionStats(
+        category=torch.stack(category).mean(0).numpy(),
+        profile=torch.stack(profile).mean(0).numpy(),
+        num_samples=len(category),
+        heatmap=None if heat is None else heat.numpy(),
+        heatmap_layer=heatmap_layer,
+        mask_mode=mode,
+    )

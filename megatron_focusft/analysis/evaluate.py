@@ -1,0 +1,109 @@
+"""Offline long-context evaluation: generate task samples, decode greedily, score, tabulate.
+
+``evaluate(decode, samples, tokenizer)`` is independent of the model: ``decode(prompt_ids, max_new)`` is
+:func:`~megatron_focusft.analysis.generate.megatron_greedy` or
+:func:`~megatron_focusft.analysis.generate.hf_greedy` bound to a model.  Prompts are one user turn
+rendered with the checkpoint's chat template (the built-in Qwen2.5 renderer when it has none) followed by
+the assistant header.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from megatron_focusft.analysis.tasks import score_sample
+
+# RULER's / BABILong's generation budgets.
+MAX_NEW_TOKENS = {"babilong": 16, "ruler_niah_mv": 128, "ruler_cwe": 120, "ruler_vt": 30}
+
+
+def max_new_tokens_for(task: str) -> int:
+    return MAX_NEW_TOKENS.get(task, MAX_NEW_TOKENS["babilong"] if task.startswith("babilong") else 64)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as a user turn plus the assistant header, in the checkpoint's chat format."""
+    from megatron_focusft.data.chat import Qwen25Renderer, TemplateRenderer, make_renderer
+
+    renderer = make_renderer(tokenizer)
+    messages = [{"role": "user", "content": text}]
+    if isinstance(renderer, TemplateRenderer):
+        rendered = renderer.full(messages, None, add_generation_prompt=True)
+    else:
+        assert isinstance(renderer, Qwen25Renderer)
+        rendered = "".join(s.text for s in renderer.render(messages, None)) + "<|im_start|>assistant\n"
+    return tokenizer.encode(rendered)
+
+
+def eos_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return [i for i in ids if i is not None]
+
+
+def fold(ids: list[int], vocab_size: int | None) -> list[int]:
+    """Ids beyond a (tiny test) model's vocabulary are folded modulo its size, with a warning."""
+    if vocab_size is None or max(ids) < vocab_size:
+        return ids
+    warnings.warn(
+        f"prompt token ids exceed the model's vocabulary ({vocab_size}); folded (tiny test models only)",
+        stacklevel=2,
+    )
+    return [i % vocab_size for i in ids]
+
+
+def evaluate(
+    decode: Callable[[list[int], int], list[int]],
+    samples: list[dict],
+    tokenizer,
+    max_new_tokens: int | None = None,
+    vocab_size: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Decode every sample and score it; one result dict per sample (prediction, score, sizes)."""
+    results = []
+    for s in tqdm(samples, desc="evaluate", unit="sample", disable=not progress):
+        ids = fold(prompt_ids(tokenizer, s["input"]), vocab_size)
+        new = decode(ids, max_new_tokens or max_new_tokens_for(s["task"]))
+        stop = set(eos_ids(tokenizer))
+        text = tokenizer.decode([t for t in new if t not in stop])
+        results.append(
+            {
+                "task": s["task"],
+                "length": s["length"],
+                "index": s["index"],
+                "prompt_tokens": len(ids),
+                "outputs": s["outputs"],
+                "prediction": text,
+                "score": score_sample(s, text),
+            }
+        )
+    return results
+
+
+def accuracy_table(results: list[dict]) -> dict[str, dict[int, float]]:
+    """``{task: {length: accuracy in %}}`` (mean of the per-sample scores x 100)."""
+    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        acc[r["task"]][r["length"]].append(r["score"])
+    return {t: {n: 100.0 * sum(v) / len(v) for n, v in sorted(by.items())} for t, by in acc.items()}
+
+
+def _length_name(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def markdown_table(table: dict[str, dict[int, float]]) -> str:
+    lengths = sorted({n for by in table.values() for n in by})
+    lines = [
+        "| task | " + " | ".join(_length_name(n) for n in lengths) + " | avg |",
+        "|---|" + "---:|" * (len(lengths) + 1),
+    ]
+    for task, by in table.items():
+        cells = [f"{by[n]:.1f}" if n in by else "-" for n in lengths]
+        avg = sum(by.values()) / len(by)
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {avg:.1f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""Greedy decoding with the Megatron model (KV cache through Megatron's static inference context, prompt
+prefilled in chunks) or with a Hugging Face model (``transformers.generate``).
+
+Megatron's ``SelfAttention`` keeps the keys/values of every layer in a ``StaticInferenceContext`` and hands
+the core attention the queries of the new tokens with *all* cached keys; RoPE positions come from the
+context's ``sequence_len_offset``.  The core attention must then align the causal mask to the bottom right
+(query ``i`` of a chunk sees the keys up to ``offset + i``): :class:`CachedAttention` does that;
+DenseAttention's ``is_causal`` would align it to the top left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron_focusft.attention.dense import DenseAttention
+from megatron_focusft.attention.layout import from_bhsd, is_thd, to_bhsd
+
+
+class CachedAttention(DenseAttention):
+    """DenseAttention that also serves KV-cached inference: with no mask and fewer queries than keys, query
+    ``i`` attends to keys ``0 .. (keys - queries) + i`` (the new tokens come last)."""
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
+        if attention_mask is not None or query.shape[0] == key.shape[0]:
+            return super().forward(
+                query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
+            )
+        thd = is_thd(packed_seq_params)
+        q, k, v = (to_bhsd(t, thd) for t in (query, key, value))
+        sq, sk = q.shape[2], k.shape[2]
+        mask = (
+            torch.arange(sk, device=q.device)[None, :]
+            <= (sk - sq) + torch.arange(sq, device=q.device)[:, None]
+        )
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            scale=self.softmax_scale,
+            enable_gqa=self.groups_per_partition != self.heads_per_partition,
+        )
+        return from_bhsd(out, thd)
+
+
+def load_generation_model(ckpt, dtype: torch.dtype | None = None):
+    """(model, arch) of a megatron_focusft checkpoint built with :class:`CachedAttention` (collective)."""
+    from megatron_focusft.convert.megatron_io import CheckpointMeta, load_model, resolve_checkpoint
+    from megatron_focusft.models.qwen2 import build_model
+
+    ckpt_dir = resolve_checkpoint(ckpt)
+    meta = CheckpointMeta.read(ckpt_dir)
+    model = build_model(meta.arch, CachedAttention, params_dtype=meta.dtype, perform_initialization=False)
+    load_model(model, ckpt_dir)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), meta.arch
+
+
+@torch.no_grad()
+def megatron_greedy(
+    model,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    vocab_size: int,
+    eos_ids: Sequence[int] = (),
+    prefill_chunk: int | None = 4096,
+) -> list[int]:
+    """Greedy continuation of ``prompt`` (token ids) with a Megatron GPTModel and a KV cache.
+
+    The prompt is prefilled in chunks of ``prefill_chunk`` tokens (None: at once); every new token then
+    costs one forward pass of one token.  Stops after ``max_new_tokens`` or at a token in ``eos_ids``
+    (included in the result).  Collective under tensor parallelism (every rank gets the same tokens).
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("empty prompt")
+    ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt) + max_new_tokens)
+    step = prefill_chunk or len(prompt)
+    device = next(model.parameters()).device
+
+    def forward(ids: list[int]) -> int:
+        start = ctx.sequence_len_offset
+        tokens = torch.tensor([ids], dtype=torch.long, device=device)
+        positions = torch.arange(start, start + len(ids), device=device)[None]
+        logits = model(tokens, positions, None, inference_context=ctx, runtime_gather_output=True)
+        ctx.sequence_len_offset += len(ids)
+        logits = logits[0, -1, :vocab_size]  # gathered over TP ranks by the output layer
+        return int(torch.argmax(logits))
+
+    for a in range(0, len(prompt), step):
+        nxt = forward(prompt[a : a + step])
+    ctx.enable_decode_mode()
+    out: list[int] = []
+    eos = set(int(e) for e in eos_ids)
+    while True:
+        out.append(nxt)
+        if nxt in eos or len(out) >= max_new_tokens:
+            return out
+        nxt = forward([nxt])
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy continuation with a ``transformers`` causal LM (its own KV cache)."""
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.device)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=list(eos_ids) or None,
+        pad_token_id=(list(eos_ids) or [0])[0],
+    )
+    return out[0, ids.shape[1] :].tolist()

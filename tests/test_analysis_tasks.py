@@ -1,0 +1,85 @@
+"""Offline long-context task generators: deterministic, on length, solved by an oracle, not by a constant."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+from megatron_focusft.analysis import tasks as T
+from megatron_focusft.analysis.tasks.scoring import babilong_match, string_match_all
+from megatron_focusft.data import load_tokenizer
+
+QWEN2_DIR = os.environ.get("QWEN2_TOKENIZER_DIR", "/work/shared/qwen2-tokenizer")
+
+
+@functools.lru_cache(maxsize=1)
+def tok():
+    return load_tokenizer(QWEN2_DIR, added_tokens="qwen2.5")
+
+
+@pytest.mark.parametrize("length", [4096, 16384])
+@pytest.mark.parametrize("task", T.TASKS)
+def test_length_within_2_percent_and_oracle_scores_100(task, length):
+    for index in range(2):
+        s = T.generate_sample(task, length, index, tok())
+        n = len(tok().encode(s["input"]))
+        assert n == s["num_tokens"]
+        assert abs(n - length) <= 0.02 * length, (task, length, n)
+        assert T.score_sample(s, T.oracle_answer(s)) == 1.0, (task, s["outputs"], T.oracle_answer(s))
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_deterministic_by_seed(task):
+    a = T.generate_sample(task, 2048, 3, tok(), seed=7)
+    assert a == T.generate_sample(task, 2048, 3, tok(), seed=7)
+    assert a["input"] != T.generate_sample(task, 2048, 3, tok(), seed=8)["input"]
+    assert a["input"] != T.generate_sample(task, 2048, 4, tok(), seed=7)["input"]
+
+
+def test_user_haystack_file(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text("It was a dark and stormy night. The rain fell in torrents! Was it over? " * 20)
+    s = T.generate_sample("babilong_qa1", 4096, 0, tok(), haystack=text)
+    assert "stormy night" in s["input"] and "quiet river" not in s["input"]
+    assert abs(s["num_tokens"] - 4096) <= 0.02 * 4096
+    assert T.score_sample(s, T.oracle_answer(s)) == 1.0
+
+
+def test_constant_answer_scores_near_chance():
+    n = 40
+    for task, constant, chance in [
+        ("babilong_qa1", "kitchen", 1 / 6),
+        ("babilong_qa2", "garden", 1 / 6),
+        ("babilong_qa4", "office", 1 / 6),
+        ("babilong_qa5", "Mary", 1 / 11),
+    ]:
+        samples = [T.generate_sample(task, 1024, i, tok()) for i in range(n)]
+        acc = sum(T.score_sample(s, constant) for s in samples) / n
+        assert acc <= chance + 0.2, (task, acc)
+        # and the oracle still gets every one
+        assert all(T.score_sample(s, T.oracle_answer(s)) == 1.0 for s in samples)
+    for task in ("ruler_niah_mv", "ruler_cwe", "ruler_vt"):
+        samples = [T.generate_sample(task, 1024, i, tok()) for i in range(5)]
+        assert sum(T.score_sample(s, "The answer is 1234567 the list") for s in samples) == 0.0
+
+
+def test_scoring_rules():
+    labels = ["kitchen", "garden", "office"]
+    assert babilong_match("The kitchen.", "kitchen", labels, "Where is Mary?") == 1.0
+    assert babilong_match("kitchen or garden", "kitchen", labels, "Where is Mary?") == 0.0  # listing all
+    assert babilong_match("garden\nkitchen", "kitchen", labels, "") == 0.0  # first line only
+    # a label named in the question does not count against the answer
+    assert (
+        babilong_match("It was in the garden, before the kitchen", "garden", labels, "before the kitchen?")
+        == 1.0
+    )
+    assert string_match_all("values: 12, 34", ["12", "34", "56", "78"]) == 0.5
+    assert string_match_all("ABC abd", ["abc", "ABD"]) == 1.0
+
+
+def test_parse_length():
+    assert [T.parse_length(x) for x in ("4k", "128K", "5000")] == [4096, 131072, 5000]
+    with pytest.raises(ValueError):
+        T.parse_length("4m")

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Where do response tokens look?  Per-layer attention sink mass, context engagement (system/user vs tool
+turns) and positional profile of a checkpoint on conversations; optionally two checkpoints side by side.
+
+    python tools/analyze_attention.py --ckpt ckpt/focusft --data convs.jsonl --samples 8 \\
+        --attention-mask glm --json attn.json --plots attn_plots/
+    python tools/analyze_attention.py --ckpt ckpt/sft --compare ckpt/focusft --data data/train \\
+        --json compare.json --plots compare_plots/
+
+``--data``: a JSONL file of conversations (rendered with the checkpoint's tokenizer/ folder) or a packed
+dataset PREFIX from tools/preprocess_data.py (every conversation of the packs is one sample).
+Attention is computed in chunks of query rows (never an S x S x heads tensor); ``--tp N`` splits the heads
+over N processes.  Exit status: 0 on success, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megatron_focusft import runtime
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="megatron_focusft checkpoint (or a training --save folder)")
+    p.add_argument("--compare", default=None, metavar="CKPT", help="a second checkpoint, side by side")
+    p.add_argument("--data", required=True, metavar="PREFIX_OR_JSONL", help="conversations to analyse")
+    p.add_argument("--samples", type=int, default=8, help="conversations to average over (default 8)")
+    p.add_argument("--attention-mask", choices=["causal", "glm"], default="causal", help="mask for the pass")
+    p.add_argument(
+        "--compare-attention-mask",
+        choices=["causal", "glm"],
+        default=None,
+        help="mask for --compare (default: --attention-mask)",
+    )
+    p.add_argument("--json", required=True, type=Path, metavar="OUT", help="write the statistics here")
+    p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG figures here")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="default: CKPT/tokenizer")
+    p.add_argument("--max-length", type=int, default=None, help="truncate JSONL conversations (whole turns)")
+    p.add_argument("--bins", type=int, default=32, help="positional-profile bins (default 32)")
+    p.add_argument("--heatmap-layer", type=int, default=None, help="0-based (default: the middle layer)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (CPU)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: run under torchrun with --nproc-per-node = --tp",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _analyze_one(args, ckpt: str, mode: str):
+    import torch.distributed as dist
+
+    from megatron_focusft.analysis.analyze import analyze, load_probe_model, load_samples
+    from megatron_focusft.convert.megatron_io import resolve_checkpoint
+    from megatron_focusft.data import load_tokenizer
+
+    tok_dir = args.tokenizer or str(resolve_checkpoint(args.ckpt) / "tokenizer")
+    tokenizer = load_tokenizer(tok_dir)
+    samples = load_samples(args.data, tokenizer, limit=args.samples, max_length=args.max_length)
+    model, arch = load_probe_model(ckpt)
+    if args.device == "cuda":
+        model = model.cuda()
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    return analyze(
+        model,
+        samples,
+        mode,
+        vocab_size=arch.vocab_size,
+        bins=args.bins,
+        heatmap_layer=args.heatmap_layer,
+        progress=rank0 and not args.no_progress,
+    )
+
+
+def run(args) -> dict:
+    """Every rank: analyse (and compare); returns the JSON document."""
+    import numpy as np
+
+    stats = {"a": _analyze_one(args, args.ckpt, args.attention_mask)}
+    if args.compare:
+        stats["b"] = _analyze_one(args, args.compare, args.compare_attention_mask or args.attention_mask)
+    doc = {"ckpt": str(args.ckpt), "data": args.data, **stats["a"].to_json()}
+    if args.compare:
+        a, b = stats["a"], stats["b"]
+        eps = 1e-12
+        doc = {
+            "a": {"ckpt": str(args.ckpt), **a.to_json()},
+            "b": {"ckpt": str(args.compare), **b.to_json()},
+            "ratios": {
+                "sink_mass_a_over_b": [float(x) for x in a.sink_mass / np.maximum(b.sink_mass, eps)],
+                "context_engagement_b_over_a": [
+                    float(x) for x in b.context_engagement / np.maximum(a.context_engagement, eps)
+                ],
+                "average_sink_mass_a_over_b": float(a.sink_mass.mean() / max(b.sink_mass.mean(), eps)),
+                "average_context_engagement_b_over_a": float(
+                    b.context_engagement.mean() / max(a.context_engagement.mean(), eps)
+                ),
+            },
+        }
+    return {"doc": doc, "stats": stats}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_focusft.models.qwen2 import ConfigError
+
+    try:
+        if args.device == "cpu":
+            out = runtime.launch_cpu_processes(run, args.tp, runtime.ParallelLayout(args.tp), (args,))
+        else:
+            runtime.initialize("cuda", runtime.ParallelLayout(args.tp))
+            out = run(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out["doc"], indent=2))
+    stats = out["stats"]
+    for name, st in stats.items():
+        avg = st.to_json()["average"]
+        label = {"a": args.ckpt, "b": args.compare}[name]
+        print(
+            f"{label}: {st.num_samples} samples, mask {st.mask_mode}: sink mass {avg['sink_mass']:.4f}, "
+            f"context engagement {avg['context_engagement']:.4f} "
+            f"(system/user {avg['system_user']:.4f}, tool {avg['tool']:.4f})"
+        )
+    if args.compare:
+        r = out["doc"]["ratios"]
+        print(
+            f"sink mass ratio a/b {r['average_sink_mass_a_over_b']:.2f}x, "
+            f"context engagement ratio b/a {r['average_context_engagement_b_over_a']:.2f}x"
+        )
+    if args.plots:
+        from megatron_focusft.analysis.plots import write_plots
+
+        names = {"a": Path(str(args.ckpt)).name or "a", "b": Path(str(args.compare)).name or "b"}
+        if args.compare and names["a"] == names["b"]:
+            names = {"a": "a", "b": "b"}
+        for path in write_plots({names[k]: v for k, v in stats.items()}, args.plots):
+            print(f"wrote {path}")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
