@@ -119,15 +119,16 @@ def initialize(
         raise RuntimeError("--device cuda was asked for but CUDA is not available; use --device cpu")
 
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # torchrun's environment when launched by it; otherwise a private one-process group (the
+        # environment of the calling process is left untouched, so child processes inherit nothing stale).
+        launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        private = {} if launched else {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
         dist.init_process_group(
             backend="nccl" if device == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **private,
         )
     layout.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():

@@ -149,7 +149,8 @@ def test_sigterm_leaves_a_loadable_checkpoint(setup_files, tmp_path):
     ckpt, data = setup_files
     save = tmp_path / "ckpt"
     argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "2", "--train-iters", "100000", "--save", str(save))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tools" / "train.py"), *argv],
         env=env,
