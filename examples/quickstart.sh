@@ -1,52 +1,81 @@
 #!/usr/bin/env bash
-# The CPU quickstart: installs what it needs, then runs the pipeline that exists so far on a tiny model.
-#   bash examples/quickstart.sh [WORKDIR]        (default WORKDIR: ./quickstart-run, must not exist)
+# The CPU quickstart: the whole FocuSFT pipeline on a tiny model, on a laptop CPU, in a few minutes.
+#
+#   bash examples/quickstart.sh [WORKDIR]        (default WORKDIR: ./quickstart-run; must not exist)
+#
+# 1. installs what it needs (CPU torch, this package)
+# 2. writes a synthetic long-context, multi-turn retrieval data set and a tiny tokenizer trained on it
+# 3. makes a tiny random Qwen2 checkpoint (Hugging Face format) and converts it to Megatron-Core (TP=2)
+# 4. renders, tokenises and packs the conversations (loss masks, context/response blocks)
+# 5. trains with FocuSFT (bilevel, glm mask) on 2 CPU processes (TP=2 + sequence parallel), stops and
+#    saves halfway (--exit-interval), resumes from the checkpoint, and exports to Hugging Face at the end
+# 6. generates with transformers from the export, analyses attention and runs the long-context tasks
+#
+# Set QUICKSTART_ITERS (default 60) for a shorter or longer run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-quickstart-run}
+ITERS=${QUICKSTART_ITERS:-60}
+HALF=$((ITERS / 2))
 if [ -e "$WORK" ]; then echo "error: $WORK already exists; pass a new folder" >&2; exit 2; fi
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e .
-export PYTHONWARNINGS=ignore
+python3 -m pip install -q -e ".[analysis]"
+export PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
+mkdir -p "$WORK"
 
-echo "== 1. a tiny random Qwen2 checkpoint in Hugging Face format"
-python3 tools/make_random_checkpoint.py --preset tiny --out "$WORK/hf"
+echo "== 1. synthetic data: haystacks with hidden facts, a lookup tool call, a question; a tiny tokenizer"
+python3 tools/make_synthetic_data.py --out "$WORK/data/train.jsonl" --num-conversations 400 \
+  --context-tokens 400 --seed 0 --write-tokenizer "$WORK/tokenizer"
 
-echo "== 2. Hugging Face -> Megatron-Core (written by 2 tensor-parallel ranks), logits checked at TP=1"
+echo "== 2. a tiny random Qwen2 (Hugging Face format) -> Megatron-Core, written by 2 TP ranks, logits verified"
+python3 tools/make_random_checkpoint.py --preset tiny --out "$WORK/hf" --tokenizer "$WORK/tokenizer"
 python3 tools/convert_hf_to_megatron.py --hf-dir "$WORK/hf" --out "$WORK/megatron" --tp 2 --dtype fp32 --verify
 
-echo "== 3. Megatron-Core -> Hugging Face"
-python3 tools/convert_megatron_to_hf.py --ckpt "$WORK/megatron" --out "$WORK/hf-export"
+echo "== 3. render, tokenise and pack into 2048-token sequences"
+python3 tools/preprocess_data.py --input "$WORK/data/train.jsonl" --tokenizer "$WORK/tokenizer" \
+  --out "$WORK/data/train" --pack-length 2048 --stats-json "$WORK/data/stats.json" --no-progress
 
-echo "== 4. generate with transformers from the exported folder"
-python3 - "$WORK/hf-export" <<'PY'
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-out = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-print("generated token ids:", out[0].tolist())
+TRAIN=(tools/train.py --device cpu --pretrained-checkpoint "$WORK/megatron" --data-path "$WORK/data/train"
+  --tensor-model-parallel-size 2 --sequence-parallel --micro-batch-size 1 --global-batch-size 4
+  --train-iters "$ITERS" --lr 3e-3 --min-lr 3e-4 --lr-warmup-fraction 0.1 --lr-decay-style cosine
+  --weight-decay 0.01 --clip-grad 1.0 --bilevel --attention-mask glm --focusft-inner-steps 2
+  --focusft-inner-lr 1.0 --focusft-lora-rank 8 --focusft-lora-alpha 16 --log-interval 5 --no-progress
+  --save "$WORK/run" --load "$WORK/run" --save-interval 10 --tensorboard-dir "$WORK/run/tensorboard")
+
+echo "== 4. FocuSFT training on 2 processes (TP=2, SP); stops and saves at iteration $HALF"
+torchrun --standalone --nproc-per-node 2 "${TRAIN[@]}" --exit-interval "$HALF" | tee "$WORK/train-1.log"
+
+echo "== 5. resume from the checkpoint in $WORK/run and finish; export to Hugging Face"
+torchrun --standalone --nproc-per-node 2 "${TRAIN[@]}" --export-hf "$WORK/hf-trained" | tee "$WORK/train-2.log"
+
+python3 - "$WORK/train-1.log" "$WORK/train-2.log" <<'PY'
+import re, sys
+losses = [float(m.group(1)) for f in sys.argv[1:] for m in re.finditer(r"\| loss ([0-9.]+)", open(f).read())]
+first, last = losses[0], min(losses[-3:])
+print(f"response loss: {first:.3f} at the first log line -> {last:.3f} at the end")
+if not last < 0.7 * first:
+    sys.exit("error: the loss did not clearly drop")
 PY
-echo "== 5. attention analysis and offline long-context evaluation (needs a Qwen2 tokenizer folder)"
-TOKENIZER=${QWEN2_TOKENIZER_DIR:-../shared/qwen2-tokenizer}
-if [ -f "$TOKENIZER/vocab.json" ] || [ -f "$TOKENIZER/tokenizer.json" ]; then
-  python3 -m pip install -q "matplotlib>=3.7"
-  python3 - "$WORK/convs.jsonl" <<'PY'
-import json, sys
-conv = {"messages": [
-    {"role": "system", "content": "You are a weather assistant."},
-    {"role": "user", "content": "Is it raining in Paris?"},
-    {"role": "assistant", "tool_calls": [{"name": "search", "arguments": {"q": "Paris weather"}}]},
-    {"role": "tool", "content": "Paris: light rain, 12 C."},
-    {"role": "assistant", "content": "Yes, there is light rain in Paris."}]}
-open(sys.argv[1], "w").write(json.dumps(conv) + "\n")
+
+echo "== 6. generate with transformers from the exported folder"
+python3 - "$WORK/hf-trained" "$WORK/data/train.jsonl" <<'PY'
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, data = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(folder)
+conv = json.loads(open(data).readline())
+question = conv["messages"][-2]["content"]
+prompt = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+ids = torch.tensor([tok.encode(prompt)])
+out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+print("Q:", question)
+print("A:", tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False))
 PY
-  python3 tools/analyze_attention.py --ckpt "$WORK/megatron" --tokenizer "$TOKENIZER" --data "$WORK/convs.jsonl" \
-    --compare "$WORK/megatron" --compare-attention-mask glm --tp 2 --json "$WORK/attention.json" --plots "$WORK/plots"
-  python3 tools/evaluate.py --ckpt "$WORK/megatron" --tokenizer "$TOKENIZER" --tasks babilong_qa1,ruler_cwe \
-    --lengths 1k,2k --samples 2 --max-new-tokens 8 --tp 2 --json "$WORK/eval.json" --markdown "$WORK/eval.md"
-  python3 tools/evaluate.py --hf-dir "$WORK/hf-export" --tokenizer "$TOKENIZER" --tasks babilong_qa1,ruler_cwe \
-    --lengths 1k,2k --samples 2 --max-new-tokens 8 --json "$WORK/eval-hf.json"
-else
-  echo "skipped: no tokenizer at $TOKENIZER (set QWEN2_TOKENIZER_DIR)"
-fi
-echo "== done: outputs in $WORK"
+
+echo "== 7. attention analysis (standard causal vs glm view of the trained model) and long-context tasks"
+python3 tools/analyze_attention.py --ckpt "$WORK/run" --tokenizer "$WORK/tokenizer" --data "$WORK/data/train" \
+  --samples 2 --compare "$WORK/run" --compare-attention-mask glm --json "$WORK/attention.json" --plots "$WORK/plots"
+python3 tools/evaluate.py --ckpt "$WORK/run" --tokenizer "$WORK/tokenizer" --tasks babilong_qa1,ruler_niah_mv \
+  --lengths 1k --samples 2 --max-new-tokens 8 --json "$WORK/eval.json" --markdown "$WORK/eval.md"
+echo "== done: outputs in $WORK (tensorboard --logdir $WORK/run/tensorboard)"

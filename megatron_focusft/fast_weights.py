@@ -80,13 +80,15 @@ def segment_linear(x: torch.Tensor, weight: torch.Tensor, segments: DocumentSegm
 
     ``x``: [n, b=1, in], rows ``offset .. offset + n`` of the pack (a sequence-parallel chunk has an
     offset); ``weight``: [D, out, in].  Documents are contiguous, so this is one small matmul per document.
+    Every document contributes a (possibly empty) matmul, so the result is part of the autograd graph of
+    ``weight`` on every rank even where this rank's chunk holds only padding: the collectives on the
+    LoRA path then run on all ranks of the group alike.
     """
     n = x.shape[0]
     pieces, cursor = [], 0
     for d, (s, e) in enumerate(zip(segments.starts, segments.ends)):
-        lo, hi = max(s - offset, 0), min(e - offset, n)
-        if lo >= hi:
-            continue
+        lo = min(max(s - offset, cursor), n)
+        hi = min(max(e - offset, lo), n)
         if lo > cursor:
             pieces.append(x.new_zeros(lo - cursor, *x.shape[1:-1], weight.shape[1]))
         pieces.append(torch.matmul(x[lo:hi], weight[d].to(x.dtype).t()))

@@ -75,9 +75,7 @@ def test_token_roles_follow_the_turns():
     tok = qwen_tokenizer()
     sample = make_sample()
     roles = sample.roles
-    text_of = {
-        r: tok.decode(sample.input_ids[roles == r]) for r in (ROLE_SYSTEM_USER, ROLE_TOOL, ROLE_ASSISTANT)
-    }
+    text_of = {r: tok.decode(sample.input_ids[roles == r]) for r in (ROLE_SYSTEM_USER, ROLE_TOOL, ROLE_ASSISTANT)}
     assert "weather" in text_of[ROLE_SYSTEM_USER] and "Umbrella" in text_of[ROLE_SYSTEM_USER]
     assert "light rain" in text_of[ROLE_TOOL] and "Rome: sunny" in text_of[ROLE_TOOL]
     assert "Paris" not in text_of[ROLE_SYSTEM_USER].split("Umbrella")[1]
@@ -107,9 +105,7 @@ def brute_force(attentions, roles, loss_mask):
 
 def _analyze(ckpt, sample, mode, chunk_elements):
     model, arch = load_probe_model(ckpt)
-    stats = analyze(
-        model, [sample], mode, vocab_size=arch.vocab_size, bins=BINS, chunk_elements=chunk_elements
-    )
+    stats = analyze(model, [sample], mode, vocab_size=arch.vocab_size, bins=BINS, chunk_elements=chunk_elements)
     return stats.category, stats.profile, stats.heatmap
 
 
@@ -177,12 +173,8 @@ def test_probe_attention_output_equals_dense_attention(checkpoints, megatron_cpu
     with torch.no_grad():
         probe = AttentionProbe(torch.as_tensor(sample.roles), lm, mode, chunk_elements=1000)
         got = decoder_hidden_states(probe_model, tokens, probe)
-        want = decoder_hidden_states(
-            dense.eval(), tokens, attention.build_attention_mask("dense", docs, lm, mode)
-        )
+        want = decoder_hidden_states(dense.eval(), tokens, attention.build_attention_mask("dense", docs, lm, mode))
         # and the ordinary (mask) path of ProbeAttention is DenseAttention itself
-        same = decoder_hidden_states(
-            probe_model, tokens, attention.build_attention_mask("dense", docs, lm, mode)
-        )
+        same = decoder_hidden_states(probe_model, tokens, attention.build_attention_mask("dense", docs, lm, mode))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(same, want)

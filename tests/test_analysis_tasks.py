@@ -71,10 +71,7 @@ def test_scoring_rules():
     assert babilong_match("kitchen or garden", "kitchen", labels, "Where is Mary?") == 0.0  # listing all
     assert babilong_match("garden\nkitchen", "kitchen", labels, "") == 0.0  # first line only
     # a label named in the question does not count against the answer
-    assert (
-        babilong_match("It was in the garden, before the kitchen", "garden", labels, "before the kitchen?")
-        == 1.0
-    )
+    assert babilong_match("It was in the garden, before the kitchen", "garden", labels, "before the kitchen?") == 1.0
     assert string_match_all("values: 12, 34", ["12", "34", "56", "78"]) == 0.5
     assert string_match_all("ABC abd", ["abc", "ABD"]) == 1.0
 

@@ -97,9 +97,7 @@ def test_evaluate_tool_megatron_and_hf_agree(work):
     ]
     common += ["--no-progress"]
     a, b, md = work / "eval_megatron.json", work / "eval_hf.json", work / "eval.md"
-    assert (
-        tool.main(["--ckpt", str(work / "megatron"), "--json", str(a), "--markdown", str(md)] + common) == 0
-    )
+    assert tool.main(["--ckpt", str(work / "megatron"), "--json", str(a), "--markdown", str(md)] + common) == 0
     assert tool.main(["--hf-dir", str(work / "export"), "--json", str(b)] + common) == 0
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert set(ra["accuracy"]) == {"babilong_qa1", "ruler_vt"} and set(ra["accuracy"]["ruler_vt"]) == {"1024"}

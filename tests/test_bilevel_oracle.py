@@ -83,7 +83,7 @@ def _oracle_grads(hf_dir: Path, cfg: FocuSFTConfig) -> tuple[dict[str, torch.Ten
     return out.grads, out.loss
 
 
-def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: bool) -> list[dict]:
+def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: bool, padding: int = 4) -> list[dict]:
     """Run one bilevel step per config; return full (unsharded) HF-named gradients and the loss."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -113,7 +113,7 @@ def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: 
         step = BilevelStep(model, cfg, slot, arch.vocab_size)
         docs = _documents()
         total = sum(d[0].numel() for d in docs)
-        inp = PackedInput.from_documents(docs, pad_to=total + 4, pack_index=PACK)  # padding tail too
+        inp = PackedInput.from_documents(docs, pad_to=total + padding, pack_index=PACK)  # padding tail too
         scale = 1 / 3 if cfg.loss_reduction == "sample" else 1 / int(inp.label_mask.sum())
         stats = step(inp, loss_scale=scale, iteration=ITERATION)
         params = dict(model.named_parameters())
@@ -171,3 +171,11 @@ def test_tp2_sequence_parallel_equals_oracle(hf_dir):
     for cfg, got in zip(cfgs, ours):
         ref, ref_loss = _oracle_grads(hf_dir, cfg)
         _assert_close(got["grads"], ref, got["loss"], ref_loss, ("tp2-sp", cfg.inner_steps, cfg.attention_mask))
+
+
+def test_tp2_sequence_parallel_with_a_rank_holding_only_padding(hf_dir):
+    """54 real tokens padded to 112: TP rank 1's sequence chunk (56..111) is all padding."""
+    cfgs = [_config(2, "glm")]
+    ours = run_distributed(_megatron_grads, world_size=2, tp=2, args=(hf_dir, cfgs, True, 58))
+    ref, ref_loss = _oracle_grads(hf_dir, cfgs[0])
+    _assert_close(ours[0]["grads"], ref, ours[0]["loss"], ref_loss, "tp2-sp, rank 1 all padding")

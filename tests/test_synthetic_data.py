@@ -30,9 +30,7 @@ from megatron_focusft.data.tiny_tokenizer import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QWEN2_DIR = os.environ.get(
-    "QWEN2_TOKENIZER_DIR", os.path.join(os.path.dirname(ROOT), "shared", "qwen2-tokenizer")
-)
+QWEN2_DIR = os.environ.get("QWEN2_TOKENIZER_DIR", os.path.join(os.path.dirname(ROOT), "shared", "qwen2-tokenizer"))
 if not os.path.isdir(QWEN2_DIR):
     QWEN2_DIR = "/work/shared/qwen2-tokenizer"
 needs_qwen2 = pytest.mark.skipif(not os.path.isdir(QWEN2_DIR), reason="Qwen2 tokenizer folder not available")
@@ -158,9 +156,7 @@ def test_cli_output_is_deterministic_and_bad_args_exit_2(tmp_path, capsys):
     assert tool.main(["--out", str(tmp_path / "b" / "b.jsonl"), *args]) == 0
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b" / "b.jsonl").read_bytes()
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
-    assert [json.loads(x) for x in lines] == list(
-        synthetic.generate(4, 9, synthetic.SyntheticSpec(context_tokens=400))
-    )
+    assert [json.loads(x) for x in lines] == list(synthetic.generate(4, 9, synthetic.SyntheticSpec(context_tokens=400)))
     assert tool.main(["--out", str(tmp_path / "c.jsonl"), "--context-tokens", "0"]) == 2
     assert tool.main(["--out", str(tmp_path / "c.jsonl"), "--num-conversations", "0"]) == 2
     assert not (tmp_path / "c.jsonl").exists()

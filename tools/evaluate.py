@@ -29,8 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--tasks",
         default="all",
-        help="comma list (babilong_qa1..qa5, ruler_niah_mv, ruler_cwe, "
-        "ruler_vt), 'babilong', 'ruler' or 'all'",
+        help="comma list (babilong_qa1..qa5, ruler_niah_mv, ruler_cwe, ruler_vt), 'babilong', 'ruler' or 'all'",
     )
     p.add_argument("--lengths", default="4k", help="comma list of prompt lengths in tokens, e.g. 4k,8k,16k")
     p.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
@@ -65,9 +64,7 @@ def task_list(spec: str) -> list[str]:
         if name in ("all", "babilong", "ruler"):
             out += [t for t in TASKS if name == "all" or t.startswith(name + "_")]
         else:
-            full = (
-                name if name in TASKS else f"ruler_{name}" if f"ruler_{name}" in TASKS else f"babilong_{name}"
-            )
+            full = name if name in TASKS else f"ruler_{name}" if f"ruler_{name}" in TASKS else f"babilong_{name}"
             check_task(full)
             out.append(full)
     return list(dict.fromkeys(out))
@@ -120,9 +117,7 @@ def run(args) -> list[dict]:
             return megatron_greedy(model, ids, n, vocab, eos, prefill_chunk=args.prefill_chunk)
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    return ev.evaluate(
-        decode, samples, tokenizer, args.max_new_tokens, vocab, progress=rank0 and not args.no_progress
-    )
+    return ev.evaluate(decode, samples, tokenizer, args.max_new_tokens, vocab, progress=rank0 and not args.no_progress)
 
 
 def main(argv=None) -> int:

@@ -37,12 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-facts", type=int, default=6, help="facts hidden in each haystack (default 6)")
     p.add_argument("--max-lookups", type=int, default=2, help="most lookup tool calls a conversation (2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--write-tokenizer", metavar="DIR", default=None, help="also write the tiny tokenizer here"
-    )
-    p.add_argument(
-        "--tokenizer-vocab-size", type=int, default=1000, help="its vocabulary size (default 1000)"
-    )
+    p.add_argument("--write-tokenizer", metavar="DIR", default=None, help="also write the tiny tokenizer here")
+    p.add_argument("--tokenizer-vocab-size", type=int, default=1000, help="its vocabulary size (default 1000)")
     return p.parse_args(argv)
 
 

@@ -44,9 +44,7 @@ def load_probe_model(ckpt: str | Path, dtype: torch.dtype | None = None):
     return model.eval(), meta.arch
 
 
-def load_samples(
-    data: str, tokenizer, limit: int | None = None, max_length: int | None = None
-) -> list[Sample]:
+def load_samples(data: str, tokenizer, limit: int | None = None, max_length: int | None = None) -> list[Sample]:
     """Conversations from a JSONL file (rendered with the checkpoint's tokenizer / chat template) or from
     a packed dataset ``PREFIX`` (``PREFIX.json`` exists): every document of the packs is one sample.
 
@@ -74,9 +72,7 @@ def load_samples(
         except DataError as e:
             warnings.warn(f"skipped: {e}", stacklevel=2)
             continue
-        samples.append(
-            Sample(doc.input_ids, doc.loss_mask, token_roles(doc.input_ids, tokenizer), doc.source)
-        )
+        samples.append(Sample(doc.input_ids, doc.loss_mask, token_roles(doc.input_ids, tokenizer), doc.source))
         if limit is not None and len(samples) >= limit:
             break
     return samples

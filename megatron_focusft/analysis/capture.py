@@ -86,9 +86,7 @@ class AttentionProbe:
         part = sample_stats(probs, qm, self.categories, self.bins, self.n_bins)
         acc = self.sums.get(layer)
         if acc is None:
-            acc = self.sums[layer] = LayerSums(
-                torch.zeros_like(part.category), torch.zeros_like(part.profile)
-            )
+            acc = self.sums[layer] = LayerSums(torch.zeros_like(part.category), torch.zeros_like(part.profile))
         acc.category += part.category
         acc.profile += part.profile
         if layer == self.heatmap_layer:
@@ -155,9 +153,7 @@ class ProbeAttention(DenseAttention):
         packed_seq_params=None,
     ) -> torch.Tensor:
         if not isinstance(attention_mask, AttentionProbe):
-            return super().forward(
-                query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
-            )
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         probe = attention_mask
         thd = is_thd(packed_seq_params)
         q, k, v = (to_bhsd(t, thd) for t in (query, key, value))

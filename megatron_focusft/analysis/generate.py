@@ -34,16 +34,11 @@ class CachedAttention(DenseAttention):
         packed_seq_params=None,
     ):
         if attention_mask is not None or query.shape[0] == key.shape[0]:
-            return super().forward(
-                query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
-            )
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         thd = is_thd(packed_seq_params)
         q, k, v = (to_bhsd(t, thd) for t in (query, key, value))
         sq, sk = q.shape[2], k.shape[2]
-        mask = (
-            torch.arange(sk, device=q.device)[None, :]
-            <= (sk - sq) + torch.arange(sq, device=q.device)[:, None]
-        )
+        mask = torch.arange(sk, device=q.device)[None, :] <= (sk - sq) + torch.arange(sq, device=q.device)[:, None]
         out = F.scaled_dot_product_attention(
             q,
             k,

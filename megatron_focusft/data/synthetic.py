@@ -192,10 +192,7 @@ def make_conversation(seed: int, index: int, spec: SyntheticSpec | None = None) 
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": f"Here are my notes.\n\n{hay}\n\nPlease look up {who} in the directory."},
         {"role": "assistant", "content": "", "tool_calls": calls},
-        *(
-            {"role": "tool", "tool_call_id": f"call_{k}", "content": fact(n, w)}
-            for k, (n, w) in enumerate(looked_up)
-        ),
+        *({"role": "tool", "tool_call_id": f"call_{k}", "content": fact(n, w)} for k, (n, w) in enumerate(looked_up)),
         {"role": "assistant", "content": " ".join(fact(n, w) for n, w in looked_up)},
         {"role": "user", "content": question(asked_name)},
         {"role": "assistant", "content": answer},

@@ -46,9 +46,7 @@ def corpus(num_conversations: int = CORPUS_CONVERSATIONS, seed: int = CORPUS_SEE
         yield text
     for k in range(len(synthetic.NAMES)):
         yield (
-            synthetic.fact(synthetic.NAMES[k], synthetic.CODE_WORDS[k])
-            + " "
-            + synthetic.question(synthetic.NAMES[k])
+            synthetic.fact(synthetic.NAMES[k], synthetic.CODE_WORDS[k]) + " " + synthetic.question(synthetic.NAMES[k])
         )
     yield " ".join(synthetic.CODE_WORDS)
     for group in (synthetic._SUBJECTS, synthetic._VERBS, synthetic._OBJECTS, synthetic._PLACES):
@@ -68,9 +66,7 @@ def _empty_tokenizer() -> Tokenizer:
     return tok
 
 
-def train_tiny_tokenizer(
-    texts: Iterable[str] | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE
-) -> Tokenizer:
+def train_tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     """Byte-level BPE on ``texts`` (default: :func:`corpus`); ``vocab_size`` counts the 22 added tokens."""
     n_added = len(QWEN25_ADDED_TOKENS)
     if vocab_size < 256 + n_added:

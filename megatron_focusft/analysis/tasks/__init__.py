@@ -20,9 +20,7 @@ from megatron_focusft.analysis.tasks import babilong, ruler
 from megatron_focusft.analysis.tasks.haystack import fit_length, insert_at_depths, make_haystack
 from megatron_focusft.analysis.tasks.scoring import babilong_match, score_sample, string_match_all
 
-TASKS: tuple[str, ...] = tuple(f"babilong_{t}" for t in babilong.TASKS) + tuple(
-    f"ruler_{t}" for t in ruler.TASKS
-)
+TASKS: tuple[str, ...] = tuple(f"babilong_{t}" for t in babilong.TASKS) + tuple(f"ruler_{t}" for t in ruler.TASKS)
 
 
 def parse_length(text: str) -> int:
@@ -74,15 +72,8 @@ def generate_sample(
     return sample
 
 
-def generate(
-    tasks: list[str], lengths: list[int], samples: int, tokenizer, seed: int = 0, haystack=None
-) -> list[dict]:
-    return [
-        generate_sample(t, n, i, tokenizer, seed, haystack)
-        for t in tasks
-        for n in lengths
-        for i in range(samples)
-    ]
+def generate(tasks: list[str], lengths: list[int], samples: int, tokenizer, seed: int = 0, haystack=None) -> list[dict]:
+    return [generate_sample(t, n, i, tokenizer, seed, haystack) for t in tasks for n in lengths for i in range(samples)]
 
 
 def oracle_answer(sample: dict) -> str:

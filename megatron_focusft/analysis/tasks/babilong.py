@@ -166,9 +166,7 @@ def facts_and_question(task: str, rng: random.Random) -> tuple[list[str], str, s
                 g, r = rng.sample(people, 2)
                 if rng.random() < 0.3:
                     facts.append(f"{g} {rng.choice(MOVES)} the {rng.choice(LOCATIONS)}.")
-                facts.append(
-                    f"{g} {rng.choice(('gave', 'handed', 'passed'))} the {rng.choice(OBJECTS)} to {r}."
-                )
+                facts.append(f"{g} {rng.choice(('gave', 'handed', 'passed'))} the {rng.choice(OBJECTS)} to {r}.")
             g, o, r = replay(" ".join(facts))["gives"][-1]
             question = rng.choice(
                 [f"Who gave the {o} to {r}?", f"Who did {g} give the {o} to?", f"What did {g} give to {r}?"]
@@ -197,9 +195,7 @@ def _unambiguous(question: str, facts: list[str], answer: str) -> bool:
 
 
 def prompt_parts(context: str, question: str) -> str:
-    return (
-        f"{INSTRUCTION}<context>\n{context}\n</context>\n\nQuestion: {question}\nAnswer with a single word."
-    )
+    return f"{INSTRUCTION}<context>\n{context}\n</context>\n\nQuestion: {question}\nAnswer with a single word."
 
 
 def oracle(sample: dict) -> str:

@@ -62,9 +62,7 @@ def niah_mv(rng: random.Random, take: Callable[[int], list[str]], length: int, n
     return render, values, 25.0
 
 
-def cwe(
-    rng: random.Random, take, length: int, num_common: int = 10, freq_common: int = 30, freq_rare: int = 3
-):
+def cwe(rng: random.Random, take, length: int, num_common: int = 10, freq_common: int = 30, freq_rare: int = 3):
     # RULER keeps 30 repetitions of each common word at long lengths; short prompts get fewer (the common
     # words take at most ~40% of the prompt, ~7 tokens an entry), never as few as the rare words' count.
     freq_common = max(freq_rare + 2, min(freq_common, int(0.4 * length / (7 * num_common))))

@@ -25,9 +25,7 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def babilong_match(
-    prediction: str, target: str, labels: list[str] | tuple[str, ...], question: str = ""
-) -> float:
+def babilong_match(prediction: str, target: str, labels: list[str] | tuple[str, ...], question: str = "") -> float:
     """BABILong: 1.0 when the first line of the prediction names ``target`` and no other task label."""
     first = prediction.strip().split("\n", 1)[0] if prediction.strip() else ""
     said = _words(first)
