@@ -40,7 +40,7 @@ TRAIN=(tools/train.py --device cpu --pretrained-checkpoint "$WORK/megatron" --da
   --train-iters "$ITERS" --lr 3e-3 --min-lr 3e-4 --lr-warmup-fraction 0.1 --lr-decay-style cosine
   --weight-decay 0.01 --clip-grad 1.0 --bilevel --attention-mask glm --focusft-inner-steps 2
   --focusft-inner-lr 1.0 --focusft-lora-rank 8 --focusft-lora-alpha 16 --log-interval 5 --no-progress
-  --save "$WORK/run" --load "$WORK/run" --save-interval 10 --tensorboard-dir "$WORK/run/tensorboard")
+  --save "$WORK/run" --load "$WORK/run" --save-interval 10 --tensorboard-dir "$WORK/tensorboard")
 
 echo "== 4. FocuSFT training on 2 processes (TP=2, SP); stops and saves at iteration $HALF"
 torchrun --standalone --nproc-per-node 2 "${TRAIN[@]}" --exit-interval "$HALF" | tee "$WORK/train-1.log"
@@ -78,4 +78,4 @@ python3 tools/analyze_attention.py --ckpt "$WORK/run" --tokenizer "$WORK/tokeniz
   --samples 2 --compare "$WORK/run" --compare-attention-mask glm --json "$WORK/attention.json" --plots "$WORK/plots"
 python3 tools/evaluate.py --ckpt "$WORK/run" --tokenizer "$WORK/tokenizer" --tasks babilong_qa1,ruler_niah_mv \
   --lengths 1k --samples 2 --max-new-tokens 8 --json "$WORK/eval.json" --markdown "$WORK/eval.md"
-echo "== done: outputs in $WORK (tensorboard --logdir $WORK/run/tensorboard)"
+echo "== done: outputs in $WORK (tensorboard --logdir $WORK/tensorboard)"

@@ -137,12 +137,15 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(setup_files, tmp_pa
     argv = _argv(
         ckpt, data, interrupted, *common, "--save", str(interrupted / "ckpt"), "--load", str(interrupted / "ckpt")
     )
+    argv += ["--save-interval", "1", "--keep-checkpoints", "1"]  # the checkpoint resumed from gets pruned
     _train(1, [*argv, "--exit-interval", "2"])
     assert (interrupted / "ckpt" / "latest").read_text().strip() == "iter_0000002"
     assert not (interrupted / "hf").exists()
     _train(1, argv)  # auto-resumes from iteration 2
     full, resumed = _weights(tmp_path / "full" / "hf"), _weights(interrupted / "hf")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert sorted(p.name for p in (interrupted / "ckpt").glob("iter_*")) == ["iter_0000004"]
+    assert (interrupted / "hf" / "tokenizer_config.json").is_file()  # kept although iteration 2 was pruned
 
 
 def test_sigterm_leaves_a_loadable_checkpoint(setup_files, tmp_path):

@@ -21,6 +21,7 @@ def tiny_pretrained(root: Path) -> Path:
 
     arch = tiny_arch(vocab_size=256, num_layers=3)
     make_random_hf_checkpoint(arch, root / "hf", seed=1)
+    (root / "hf" / "tokenizer_config.json").write_text('{"model_max_length": 4096}')  # travels with checkpoints
     runtime.launch_cpu_processes(hf_to_megatron, 1, args=(root / "hf", root / "ckpt", torch.float32, False))
     return root / "ckpt"
 

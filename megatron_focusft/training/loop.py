@@ -32,6 +32,7 @@ from megatron_focusft.attention import core_attention_class
 from megatron_focusft.benchmark import PEAK_TFLOPS, sft_flops
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
+from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model, resolve_checkpoint
 from megatron_focusft.data.dataset import PackedDataset, PackLoader
 from megatron_focusft.data.packing import pad_multiple
@@ -134,7 +135,7 @@ def setup(args: argparse.Namespace) -> Trainer:
         sequence_length=args.seq_length,
         pad_multiple=pad_multiple(tp, cp, args.sequence_parallel),
     )
-    tokenizer_dir = source / "tokenizer"
+    tokenizer_dir = _stable_tokenizer_dir(source / "tokenizer", args.save)
     return Trainer(
         args=args,
         arch=arch,
@@ -150,8 +151,22 @@ def setup(args: argparse.Namespace) -> Trainer:
         train_iters=train_iters,
         micro_batches=micro_batches,
         device=device,
-        tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+        tokenizer_dir=tokenizer_dir,
     )
+
+
+def _stable_tokenizer_dir(source: Path, save: Path | None) -> Path | None:
+    """Tokenizer files kept in ``SAVE/tokenizer`` for every checkpoint and the export: the checkpoint a
+    run resumed from may be pruned while it trains."""
+    if not source.is_dir():
+        return None
+    if save is None:
+        return source
+    stable = Path(save) / "tokenizer"
+    if dist.get_rank() == 0 and source.resolve() != stable.resolve():
+        copy_tokenizer_files(source, stable)
+    dist.barrier()
+    return stable
 
 
 def train_step(t: Trainer) -> dict[str, float]:
