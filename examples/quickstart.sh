@@ -19,7 +19,7 @@ ITERS=${QUICKSTART_ITERS:-60}
 HALF=$((ITERS / 2))
 if [ -e "$WORK" ]; then echo "error: $WORK already exists; pass a new folder" >&2; exit 2; fi
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[analysis]"
+python3 -m pip install -q -e ".[analysis,tensorboard]"
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 mkdir -p "$WORK"
 
@@ -57,20 +57,25 @@ if not last < 0.7 * first:
     sys.exit("error: the loss did not clearly drop")
 PY
 
-echo "== 6. generate with transformers from the exported folder"
-python3 - "$WORK/hf-trained" "$WORK/data/train.jsonl" <<'PY'
+echo "== 6. generate with transformers from the exported folder: a held-out question after its long context"
+python3 tools/make_synthetic_data.py --out "$WORK/data/heldout.jsonl" --num-conversations 3 --context-tokens 400 --seed 99
+python3 - "$WORK/hf-trained" "$WORK/data/heldout.jsonl" "$WORK/tokenizer" <<'PY'
 import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, data = sys.argv[1], sys.argv[2]
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-tok = AutoTokenizer.from_pretrained(folder)
-conv = json.loads(open(data).readline())
-question = conv["messages"][-2]["content"]
-prompt = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-ids = torch.tensor([tok.encode(prompt)])
-out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id or 0)
-print("Q:", question)
-print("A:", tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False))
+from transformers import AutoModelForCausalLM
+from megatron_focusft.data.chat import ChatEncoder
+from megatron_focusft.data.tokenizer import load_tokenizer
+folder, data, tokenizer_dir = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+tokenizer = load_tokenizer(tokenizer_dir)
+encoder = ChatEncoder(tokenizer, renderer="qwen2.5")
+for line in open(data):
+    conv = json.loads(line)
+    doc = encoder.encode(conv)
+    start = len(doc.loss_mask) - int(doc.loss_mask[::-1].argmin())  # the last response block begins here
+    prompt = torch.tensor(doc.input_ids[:start], dtype=torch.long)[None]
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_id)
+    answer = tokenizer.decode(out[0, prompt.shape[1]:].tolist()).split("<|im_end|>")[0]
+    print(f"Q: {conv['messages'][-2]['content']}  expected: {conv['messages'][-1]['content']!r}  model: {answer!r}")
 PY
 
 echo "== 7. attention analysis (standard causal vs glm view of the trained model) and long-context tasks"

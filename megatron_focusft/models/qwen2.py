@@ -155,9 +155,9 @@ class Qwen2Arch:
             "attention_dropout": 0.0,
             "use_sliding_window": False,
             "use_cache": True,
-            "bos_token_id": 151643,
-            "eos_token_id": 151645,
             "torch_dtype": torch_dtype,
+            # Qwen2.5's <|endoftext|> / <|im_end|>, where the vocabulary has them (not in tiny test models).
+            **({"bos_token_id": 151643, "eos_token_id": 151645} if self.vocab_size > 151645 else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
