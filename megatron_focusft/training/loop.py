@@ -14,6 +14,7 @@ same gradient.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import sys
@@ -183,8 +184,11 @@ def train_step(t: Trainer) -> dict[str, float]:
     units = counts[:1].clone()
     dist.all_reduce(units, group=dp_group)
     flops = 0.0
-    for inp in inputs:
-        stats = t.step(inp, loss_scale=1.0 / float(units), iteration=t.state.iteration)
+    for i, inp in enumerate(inputs):
+        # DDP reduces gradients once, after the last micro-batch (with overlap on GPU: during its backward).
+        sync = contextlib.nullcontext() if i == len(inputs) - 1 else t.ddp.no_sync()
+        with sync:
+            stats = t.step(inp, loss_scale=1.0 / float(units), iteration=t.state.iteration)
         counts[1] += float(stats.outer_loss_sum)
         if stats.inner_losses:
             counts[2] += float(stats.inner_losses[0].sum())  # before adaptation, summed over documents
