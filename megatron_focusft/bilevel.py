@@ -36,6 +36,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_focusft.attention import build_attention_mask
+from megatron_focusft.attention.context_parallel import load_balanced_index
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.fast_weights import FastWeights, FastWeightSlot
 from megatron_focusft.packed_input import PackedInput
@@ -58,6 +59,25 @@ class StepStats:
     num_response_tokens: int
     document_losses: torch.Tensor | None = None  # [D] outer (adapted) mean response loss per document
     inner_losses: list[torch.Tensor] = field(default_factory=list)  # [D] per inner step, before its update
+    adapted: FastWeights | None = None  # the fast weights after the inner loop (this rank's TP shards)
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+    """Sum ``tensors`` in place over ``group`` with one collective."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    for t, chunk in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
+def _sum_over_context_parallel(t: torch.Tensor) -> torch.Tensor:
+    """Statistics of the whole pack from each CP rank's share (no gradient)."""
+    if parallel_state.get_context_parallel_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, group=parallel_state.get_context_parallel_group())
+    return t
 
 
 class BilevelStep:
@@ -118,39 +138,65 @@ class BilevelStep:
     # ---- the step -------------------------------------------------------------------------------------
 
     def __call__(self, inp: PackedInput, loss_scale: float, iteration: int = 0) -> StepStats:
-        """Forward, inner loop and outer backward (``loss_scale`` * outer loss sum) for one micro-batch."""
+        """Forward, inner loop and outer backward (``loss_scale`` * outer loss sum) for one micro-batch.
+
+        Under context parallelism every CP rank runs this on its load-balanced share of the pack; the
+        per-document losses are this rank's contributions (summed over CP for statistics and the finite
+        check), and each rank backpropagates its own contribution: the all-gathered K/V route the gradient
+        between ranks, DDP sums base-weight gradients over DP x CP, and the inner update sums fast-weight
+        gradients over CP.
+        """
         cfg = self.config
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        if self.sequence_parallel and inp.length % tp:
-            raise ValueError(f"pack length {inp.length} is not a multiple of the TP size {tp} (sequence parallel)")
-        mask = build_attention_mask(cfg.attention_backend, inp.document_ids, inp.loss_mask, cfg.attention_mask)
+        cp = parallel_state.get_context_parallel_world_size()
+        local = None  # this CP rank's token positions in the pack (None: the whole pack)
+        if cp > 1:
+            local = load_balanced_index(inp.length, cp, parallel_state.get_context_parallel_rank(), inp.tokens.device)
+        local_length = inp.length // cp
+        if self.sequence_parallel and local_length % tp:
+            raise ValueError(
+                f"pack length {inp.length} / context-parallel size {cp} is not a multiple of the TP size {tp} "
+                "(sequence parallel)"
+            )
+
+        def mine(t: torch.Tensor) -> torch.Tensor:
+            return t if local is None else t[:, local]
+
+        mask = build_attention_mask(
+            cfg.attention_backend, inp.document_ids, inp.loss_mask, cfg.attention_mask, query_index=local
+        )
+        position_ids = mine(inp.position_ids)
         if cfg.attention_backend == "te":  # TE reads document boundaries from Megatron's THD parameters
+            if cp > 1:
+                raise ValueError("--attention-backend te with context parallelism is not supported; use flex")
             psp = inp.packed_seq_params()
             rotary = self.model.rotary_pos_emb(psp.max_seqlen_q, packed_seq=True)
             ctx = {"attention_mask": mask, "rotary_pos_emb": rotary, "packed_seq_params": psp}
         else:
             # RoPE angles gathered at each token's own position (restarting in every document): one
             # elementwise rotation per layer, where Megatron's THD path loops over the pack's documents.
-            table = self.model.rotary_pos_emb(int(inp.position_ids.max()) + 1)  # [max_pos, 1, 1, d]
-            ctx = {"attention_mask": mask, "rotary_pos_emb": table[inp.position_ids[0]]}
+            table = self.model.rotary_pos_emb.get_emb(int(inp.position_ids.max()) + 1)  # [max_pos, 1, 1, d]
+            ctx = {"attention_mask": mask, "rotary_pos_emb": table[position_ids[0]]}
 
-        positions = inp.label_mask[0].nonzero().reshape(-1)
-        labels = inp.labels[0, positions]
-        doc_of_position = inp.document_ids[0, positions]
-        segments = inp.segments()
-        num_docs = len(segments)
-        tokens_per_doc = torch.bincount(doc_of_position, minlength=num_docs).to(torch.float32)
+        # Loss positions (t predicts token t+1): counted over the whole pack, evaluated where this rank is.
+        num_docs = inp.num_documents
+        all_positions = inp.label_mask[0].nonzero().reshape(-1)
+        tokens_per_doc = torch.bincount(inp.document_ids[0, all_positions], minlength=num_docs).to(torch.float32)
         if bool((tokens_per_doc == 0).any()):
             raise ValueError("a document of the pack has no response token (the data pipeline drops those)")
+        positions = mine(inp.label_mask)[0].nonzero().reshape(-1)
+        labels = mine(inp.labels)[0, positions]
+        doc_of_position = mine(inp.document_ids)[0, positions]
 
         def per_document(losses: torch.Tensor) -> torch.Tensor:
+            """This rank's share of each document's mean response loss [D]."""
             sums = torch.zeros(num_docs, dtype=losses.dtype, device=losses.device).index_add(0, doc_of_position, losses)
             return sums / tokens_per_doc.to(losses.device)
 
-        hidden = self.model.embedding(input_ids=inp.tokens, position_ids=inp.position_ids)
+        hidden = self.model.embedding(input_ids=mine(inp.tokens), position_ids=position_ids)
         hidden = self._run(hidden, self.bottom, ctx)
 
-        stats = StepStats(torch.zeros(()), num_docs, int(positions.numel()))
+        stats = StepStats(torch.zeros(()), num_docs, int(all_positions.numel()))
         if cfg.uses_fast_weights:
             tc = self.model.config
             fast = FastWeights.initial(
@@ -160,7 +206,7 @@ class BilevelStep:
                 scale=cfg.lora_scale,
                 hidden_size=tc.hidden_size,
                 ffn_hidden_size=tc.ffn_hidden_size,
-                segments=segments,
+                segments=inp.segments(local),
                 document_keys=[(cfg.seed, iteration, *key) for key in inp.document_keys],
                 device=hidden.device,
             )
@@ -171,9 +217,11 @@ class BilevelStep:
                     doc_losses = per_document(
                         self.token_losses(self._run(inner_input, self.top, ctx), positions, labels)
                     )
-                    stats.inner_losses.append(doc_losses.detach())
-                    fast = self._inner_update(fast, doc_losses)
-            self.slot.active = fast.detached()
+                    whole = _sum_over_context_parallel(doc_losses.detach())
+                    stats.inner_losses.append(whole)
+                    fast = self._inner_update(fast, doc_losses, torch.isfinite(whole))
+            stats.adapted = fast.detached()
+            self.slot.active = stats.adapted
         try:
             token_losses = self.token_losses(self._run(hidden, self.top, ctx), positions, labels)
         finally:
@@ -181,29 +229,32 @@ class BilevelStep:
         document_losses = per_document(token_losses)
         outer = document_losses.sum() if cfg.loss_reduction == "sample" else token_losses.sum()
         (outer * loss_scale).backward()
-        stats.outer_loss_sum, stats.document_losses = outer.detach(), document_losses.detach()
+        stats.outer_loss_sum = _sum_over_context_parallel(outer.detach())
+        stats.document_losses = _sum_over_context_parallel(document_losses.detach())
         return stats
 
-    def _inner_update(self, fast: FastWeights, doc_losses: torch.Tensor) -> FastWeights:
-        """One SGD step per document on its fast weights, each tensor's gradient clipped on its own."""
+    def _inner_update(self, fast: FastWeights, doc_losses: torch.Tensor, finite: torch.Tensor) -> FastWeights:
+        """One SGD step per document on its fast weights, each tensor's gradient clipped on its own.
+
+        ``doc_losses``: this rank's contributions; ``finite``: per document, whether its whole loss is.
+        """
         cfg = self.config
-        finite = torch.isfinite(doc_losses)
         entries = fast.tensors()
         grads = torch.autograd.grad(
             doc_losses[finite].sum(), [t for _, _, t in entries], allow_unused=True, materialize_grads=True
         )
         # A document whose loss is not finite skips its step (its gradient is zeroed, NaNs included).
         grads = [torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, 0.0) for g in grads]
+        if parallel_state.get_context_parallel_world_size() > 1:
+            # Fast weights are the same on every CP rank; each rank saw only its share of the tokens.
+            _all_reduce_flat(grads, parallel_state.get_context_parallel_group())
         tp_group = parallel_state.get_tensor_model_parallel_group()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if self.sequence_parallel and tp > 1:
             # Replicated tensors saw only this rank's sequence chunk: sum their gradients over TP.
-            partial = [g for (key, name, _), g in zip(entries, grads) if not FastWeights.is_sharded(key[1], name)]
-            if partial:
-                flat = torch.cat([g.reshape(-1) for g in partial])
-                dist.all_reduce(flat, group=tp_group)
-                for g, chunk in zip(partial, torch.split(flat, [g.numel() for g in partial])):
-                    g.copy_(chunk.view_as(g))
+            _all_reduce_flat(
+                [g for (key, name, _), g in zip(entries, grads) if not FastWeights.is_sharded(key[1], name)], tp_group
+            )
         # Per document and per tensor: squared norms [num_tensors, D]; shards' squares summed over TP.
         squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads])
         sharded = torch.tensor([FastWeights.is_sharded(k[1], n) for k, n, _ in entries], device=squares.device)

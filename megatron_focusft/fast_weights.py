@@ -44,57 +44,56 @@ Key = tuple[int, str]
 
 @dataclass(frozen=True)
 class DocumentSegments:
-    """Token ranges ``[start, end)`` of the documents of one pack (in the flattened packed sequence)."""
+    """Where each document's tokens are in this rank's sequence: runs ``(start, end, document)``.
 
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
+    Under context parallelism a rank holds two chunks of the pack, so a document can have two runs here,
+    or none; ``num_documents`` counts the documents of the whole pack.
+    """
+
+    runs: tuple[tuple[int, int, int], ...]
+    num_documents: int
 
     @classmethod
-    def from_document_ids(cls, document_ids: torch.Tensor) -> DocumentSegments:
-        """Contiguous runs of equal, non-negative document id (padding, id -1, belongs to no document)."""
+    def from_document_ids(cls, document_ids: torch.Tensor, num_documents: int | None = None) -> DocumentSegments:
+        """Maximal runs of equal, non-negative document id (padding, id -1, belongs to no document)."""
         docs = document_ids.reshape(-1).tolist()
-        starts, ends = [], []
+        runs: list[list[int]] = []
         for t, d in enumerate(docs):
             if d < 0:
                 continue
-            if not starts or t != ends[-1] or docs[t - 1] != d:
-                starts.append(t)
-                ends.append(t + 1)
+            if runs and runs[-1][1] == t and runs[-1][2] == d:
+                runs[-1][1] = t + 1
             else:
-                ends[-1] = t + 1
-        return cls(tuple(starts), tuple(ends))
+                runs.append([t, t + 1, d])
+        count = num_documents if num_documents is not None else max((r[2] for r in runs), default=-1) + 1
+        return cls(tuple(tuple(r) for r in runs), count)
 
     def __len__(self) -> int:
-        return len(self.starts)
-
-    def document_of_token(self, length: int, device: torch.device | None = None) -> torch.Tensor:
-        """long [length]: the document index of every token, -1 outside documents."""
-        out = torch.full((length,), -1, dtype=torch.long)
-        for d, (s, e) in enumerate(zip(self.starts, self.ends)):
-            out[s:e] = d
-        return out.to(device)
+        return self.num_documents
 
 
 def segment_linear(x: torch.Tensor, weight: torch.Tensor, segments: DocumentSegments, offset: int = 0) -> torch.Tensor:
     """``y[t] = weight[d(t)] @ x[t]`` for the tokens of document d, 0 elsewhere.
 
-    ``x``: [n, b=1, in], rows ``offset .. offset + n`` of the pack (a sequence-parallel chunk has an
-    offset); ``weight``: [D, out, in].  Documents are contiguous, so this is one small matmul per document.
-    Every document contributes a (possibly empty) matmul, so the result is part of the autograd graph of
-    ``weight`` on every rank even where this rank's chunk holds only padding: the collectives on the
+    ``x``: [n, b=1, in], rows ``offset .. offset + n`` of this rank's sequence (a sequence-parallel chunk
+    has an offset); ``weight``: [D, out, in].  Documents are contiguous runs, so this is one small matmul per
+    run.  Every document contributes a (possibly empty) matmul, so the result is part of the autograd graph
+    of ``weight`` on every rank even where this rank's chunk holds only padding: the collectives on the
     LoRA path then run on all ranks of the group alike.
     """
     n = x.shape[0]
-    pieces, cursor = [], 0
-    for d, (s, e) in enumerate(zip(segments.starts, segments.ends)):
+    pieces, cursor, seen = [], 0, set()
+    for s, e, d in segments.runs:
         lo = min(max(s - offset, cursor), n)
         hi = min(max(e - offset, lo), n)
         if lo > cursor:
             pieces.append(x.new_zeros(lo - cursor, *x.shape[1:-1], weight.shape[1]))
         pieces.append(torch.matmul(x[lo:hi], weight[d].to(x.dtype).t()))
+        seen.add(d)
         cursor = hi
     if cursor < n:
         pieces.append(x.new_zeros(n - cursor, *x.shape[1:-1], weight.shape[1]))
+    pieces += [torch.matmul(x[:0], weight[d].to(x.dtype).t()) for d in range(segments.num_documents) if d not in seen]
     return torch.cat(pieces, dim=0)
 
 

@@ -93,12 +93,15 @@ class MaskInputs:
     """What the mask of one micro-batch is built from (built once per batch, shared by every layer).
 
     ``document_ids`` [b, s] long (``-1`` = padding), ``loss_mask`` [b, s] (1 = response token); 1-D
-    inputs are taken as b = 1.  ``block_ids`` and ``is_context`` are derived.
+    inputs are taken as b = 1.  ``block_ids`` and ``is_context`` are derived.  ``query_index`` (optional,
+    long [q]) gives the position in the sequence of each query row when a rank holds only some of the
+    queries (context parallelism); keys are always the whole sequence.
     """
 
     document_ids: torch.Tensor
     loss_mask: torch.Tensor
     mode: MaskMode
+    query_index: torch.Tensor | None = None
     block_ids: torch.Tensor = field(init=False)
     is_context: torch.Tensor = field(init=False)
 
@@ -117,6 +120,8 @@ class MaskInputs:
         object.__setattr__(self, "loss_mask", lm)
         object.__setattr__(self, "block_ids", blocks_from_loss_mask(lm, docs))
         object.__setattr__(self, "is_context", (lm == 0) & (docs != PADDING_DOCUMENT))
+        if self.query_index is None:
+            object.__setattr__(self, "query_index", torch.arange(docs.shape[1], device=docs.device))
 
     @property
     def batch_size(self) -> int:
@@ -126,34 +131,40 @@ class MaskInputs:
     def seq_len(self) -> int:
         return self.document_ids.shape[1]
 
+    @property
+    def num_queries(self) -> int:
+        return self.query_index.numel()
+
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """The mask rows ``start:stop`` of every sequence: bool [b, stop - start, s]."""
+        """The mask rows of query rows ``start:stop``: bool [b, stop - start, s]."""
         device = self.document_ids.device
-        q = torch.arange(start, stop, device=device)[:, None]
+        q = self.query_index[start:stop][:, None]
         k = torch.arange(self.seq_len, device=device)[None, :]
         b = torch.arange(self.batch_size, device=device)[:, None, None]
         return allowed(b, q, k, self.document_ids, self.block_ids, self.is_context, self.mode)
 
     def dense(self) -> torch.Tensor:
-        """The whole mask, bool [b, s, s] (materialises S x S: tests, CPU and short sequences only)."""
-        return self.rows(0, self.seq_len)
+        """The whole mask, bool [b, q, s] (materialises q x S: tests, CPU and short sequences only)."""
+        return self.rows(0, self.num_queries)
 
     def mask_mod(self, pad_to: int | None = None):
         """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` evaluating :func:`allowed`.
 
-        ``pad_to``: the per-token tensors are padded (as padding tokens) to this length so that a kernel
-        reading indices past the end of the sequence (the last partial tile) stays in bounds.
+        ``pad_to``: indices up to this length (the last partial tiles of queries and keys) are valid and
+        read as padding tokens, so the kernel never reads past the end of the per-token tensors.
         """
-        docs, blocks, ctx = self.document_ids, self.block_ids, self.is_context
-        if pad_to is not None and pad_to > self.seq_len:
-            extra = pad_to - self.seq_len
-            docs = torch.nn.functional.pad(docs, (0, extra), value=PADDING_DOCUMENT)
-            blocks = torch.nn.functional.pad(blocks, (0, extra), value=-1)
-            ctx = torch.nn.functional.pad(ctx, (0, extra), value=False)
+        docs, blocks, ctx, query = self.document_ids, self.block_ids, self.is_context, self.query_index
+        length = max(pad_to or 0, self.seq_len, self.num_queries) + 1
+        extra = length - self.seq_len
+        docs = torch.nn.functional.pad(docs, (0, extra), value=PADDING_DOCUMENT)
+        blocks = torch.nn.functional.pad(blocks, (0, extra), value=-1)
+        ctx = torch.nn.functional.pad(ctx, (0, extra), value=False)
+        # Query rows past the last real one read as the padding token at ``seq_len``.
+        query = torch.nn.functional.pad(query, (0, length - self.num_queries), value=self.seq_len)
         mode = self.mode
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return allowed(b, q_idx, kv_idx, docs, blocks, ctx, mode)
+            return allowed(b, query[q_idx], kv_idx, docs, blocks, ctx, mode)
 
         return mask_mod
 

@@ -40,8 +40,14 @@ class PackedInput:
     def length(self) -> int:
         return self.tokens.shape[1]
 
-    def segments(self) -> DocumentSegments:
-        return DocumentSegments.from_document_ids(self.document_ids)
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_keys)
+
+    def segments(self, index: torch.Tensor | None = None) -> DocumentSegments:
+        """Document runs of the whole pack, or of the tokens at ``index`` (a context-parallel rank's)."""
+        docs = self.document_ids[0] if index is None else self.document_ids[0, index]
+        return DocumentSegments.from_document_ids(docs, self.num_documents)
 
     def packed_seq_params(self) -> PackedSeqParams:
         return packed_seq_params(self.cu_seqlens)

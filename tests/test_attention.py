@@ -87,3 +87,24 @@ def test_te_backend_errors_are_clear():
             attention.core_attention_class("te")
         with pytest.raises(TEUnavailableError, match="--attention-backend te needs TransformerEngine"):
             attention.build_attention_mask("te", docs, lm, "causal")
+
+
+@pytest.mark.parametrize("mode", ["causal", "glm"])
+def test_context_parallel_query_rows_flex_equals_dense(mode):
+    """A CP rank's queries (chunks 1 and 2 of 4) against the whole pack's keys: the BlockMask built with
+    ``query_index`` and the dense rows agree, and so do FlexAttention and SDPA on them."""
+    from megatron_focusft.attention.context_parallel import load_balanced_index
+
+    g = torch.Generator().manual_seed(7)
+    docs, lm = random_pack(256, g, pad=9)
+    local = load_balanced_index(256, cp_size=2, cp_rank=1)
+    assert local.tolist() == list(range(64, 128)) + list(range(128, 192))
+    inputs = MaskInputs(docs, lm, mode, query_index=local)
+    rows = inputs.dense()  # [1, 128, 256]
+    full = MaskInputs(docs, lm, mode).dense()
+    assert torch.equal(rows, full[:, local])
+    q = torch.randn(1, 4, 128, 16, generator=g)
+    k, v = torch.randn(1, 2, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=rows[:, None], enable_gqa=True)
+    out = flex_attention(q, k, v, block_mask=build_block_mask(inputs, 32), enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-5)

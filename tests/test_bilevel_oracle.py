@@ -80,11 +80,12 @@ def _oracle_grads(hf_dir: Path, cfg: FocuSFTConfig) -> tuple[dict[str, torch.Ten
         alpha=ALPHA,
         layer_fraction=cfg.layer_fraction,
     )
-    return out.grads, out.loss
+    return out.grads, out.loss, [r.fast_weights for r in out.per_sample]
 
 
 def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: bool, padding: int = 4) -> list[dict]:
-    """Run one bilevel step per config; return full (unsharded) HF-named gradients and the loss."""
+    """Run one bilevel step per config; return full (unsharded) HF-named gradients, the loss and the
+    adapted fast weights (full tensors, per document)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -99,6 +100,15 @@ def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: 
 
     arch = Qwen2Arch.from_hf_dir(hf_dir)
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
+        if tp == 1:
+            return t
+        shards = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(shards, t.contiguous(), group=tp_group)
+        return torch.cat(shards, dim=dim)
+
     results = []
     for cfg in cfgs:
         slot = FastWeightSlot()
@@ -121,20 +131,39 @@ def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: 
         for name, sources in megatron_sources(arch):
             p = params[name]
             g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if parallel_state.get_context_parallel_world_size() > 1:  # what DDP does over DP x CP
+                dist.all_reduce(g, group=parallel_state.get_context_parallel_group())
             if getattr(p, "sequence_parallel", False) and tp > 1:
-                dist.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
+                dist.all_reduce(g, group=tp_group)
             dim = tp_partition_dim(name)
             if dim is not None and tp > 1:
                 shards = [torch.empty_like(g) for _ in range(tp)]
-                dist.all_gather(shards, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+                dist.all_gather(shards, g.contiguous(), group=tp_group)
                 g = tp_unshard(name, shards, dim)
             grads.update(zip(sources, to_hf(name, g, arch)))
-        results.append({"grads": grads, "loss": stats.outer_loss_sum * scale})
+        adapted = {}
+        if stats.adapted is not None:
+            for (layer, target), a in stats.adapted.a.items():
+                b = stats.adapted.b[layer, target]
+                a, b = (gather_tp(a, 2), b) if target == "down" else (a, gather_tp(b, 1))
+                adapted[layer, HF_TARGET[target]] = (a, b)
+        results.append({"grads": grads, "loss": stats.outer_loss_sum * scale, "adapted": adapted})
     return results
 
 
-def _assert_close(ours: dict, ref: dict, loss, ref_loss, case) -> None:
-    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss)), case
+def _assert_close(ours: dict, ref: tuple, case) -> None:
+    """Loss, base-weight gradients and (K > 0) every document's adapted fast weights equal the oracle's."""
+    ref_grads, ref_loss, ref_fast = ref
+    assert abs(float(ours["loss"]) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss)), case
+    for key, (a, b) in ours["adapted"].items():
+        for d, fast in enumerate(ref_fast):
+            for got, want in zip((a[d], b[d]), fast[key]):
+                err = (got - want).abs().max().item()
+                assert err <= 1e-4 * max(want.abs().max().item(), 1e-8), f"{case} fast weight {key} doc {d}: {err:.3e}"
+    _assert_grads_close(ours["grads"], ref_grads, case)
+
+
+def _assert_grads_close(ours: dict, ref: dict, case) -> None:
     for name, r in ref.items():
         if name == "lm_head.weight" and name not in ours:
             continue
@@ -155,27 +184,21 @@ def test_tp1_pack_of_three_equals_oracle(hf_dir, megatron_cpu):
     cfgs = [_config(k, mode) for k, mode in CASES] + [_config(2, "glm", "token")]
     ours = _megatron_grads(hf_dir, cfgs, sequence_parallel=False)
     for cfg, got in zip(cfgs, ours):
-        ref, ref_loss = _oracle_grads(hf_dir, cfg)
-        _assert_close(
-            got["grads"],
-            ref,
-            got["loss"],
-            ref_loss,
-            (cfg.inner_steps, cfg.attention_mask, cfg.loss_reduction),
-        )
+        _assert_close(got, _oracle_grads(hf_dir, cfg), (cfg.inner_steps, cfg.attention_mask, cfg.loss_reduction))
 
 
-def test_tp2_sequence_parallel_equals_oracle(hf_dir):
+@pytest.mark.parametrize(
+    "world, tp, cp, padding",
+    [
+        (2, 2, 1, 4),  # TP=2 + sequence parallelism
+        (2, 2, 1, 58),  # 54 real tokens padded to 112: TP rank 1's sequence chunk (56..111) is all padding
+        (2, 1, 2, 2),  # CP=2: 56 tokens in 4 chunks, rank 0 holds chunks 0 and 3
+        (4, 2, 2, 2),  # TP=2 + SP x CP=2 on 4 processes
+    ],
+    ids=["tp2-sp", "tp2-sp-padding-rank", "cp2", "tp2-sp-cp2"],
+)
+def test_parallel_layouts_equal_oracle(hf_dir, world, tp, cp, padding):
     cfgs = [_config(2, "glm"), _config(1, "causal", "token")]
-    ours = run_distributed(_megatron_grads, world_size=2, tp=2, args=(hf_dir, cfgs, True))
+    ours = run_distributed(_megatron_grads, world_size=world, tp=tp, cp=cp, args=(hf_dir, cfgs, tp > 1, padding))
     for cfg, got in zip(cfgs, ours):
-        ref, ref_loss = _oracle_grads(hf_dir, cfg)
-        _assert_close(got["grads"], ref, got["loss"], ref_loss, ("tp2-sp", cfg.inner_steps, cfg.attention_mask))
-
-
-def test_tp2_sequence_parallel_with_a_rank_holding_only_padding(hf_dir):
-    """54 real tokens padded to 112: TP rank 1's sequence chunk (56..111) is all padding."""
-    cfgs = [_config(2, "glm")]
-    ours = run_distributed(_megatron_grads, world_size=2, tp=2, args=(hf_dir, cfgs, True, 58))
-    ref, ref_loss = _oracle_grads(hf_dir, cfgs[0])
-    _assert_close(ours[0]["grads"], ref, ours[0]["loss"], ref_loss, "tp2-sp, rank 1 all padding")
+        _assert_close(got, _oracle_grads(hf_dir, cfg), (world, tp, cp, cfg.inner_steps, cfg.attention_mask))

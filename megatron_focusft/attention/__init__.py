@@ -49,17 +49,19 @@ def build_attention_mask(
     mode: MaskMode,
     *,
     block_size: int | None = None,
+    query_index: torch.Tensor | None = None,
 ) -> object:
     """The ``attention_mask`` every layer of ``backend`` consumes, built once per micro-batch.
 
-    ``document_ids``/``loss_mask``: [b, s] (or [s]); a packed thd micro-batch is b = 1.
+    ``document_ids``/``loss_mask``: [b, s] (or [s]); a packed thd micro-batch is b = 1.  ``query_index``:
+    the positions of this rank's query rows under context parallelism (default: every position).
 
     - dense: bool [b, 1, s, s], True = allowed;
     - flex: a ``BlockMask`` (``block_size`` tiles, default 128), never an S x S tensor;
     - te: a marker (TE masks from ``cu_seqlens``); ``glm`` or a missing TransformerEngine is an error.
     """
     _check_backend(backend)
-    inputs = MaskInputs(document_ids, loss_mask, mode)
+    inputs = MaskInputs(document_ids, loss_mask, mode, query_index)
     if backend == "dense":
         return inputs.dense()[:, None]
     if backend == "flex":

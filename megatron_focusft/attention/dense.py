@@ -13,6 +13,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from megatron_focusft.attention.context_parallel import gather_kv
 from megatron_focusft.attention.layout import from_bhsd, is_thd, to_bhsd
 
 
@@ -38,8 +39,6 @@ class DenseAttention(MegatronModule):
         **_: object,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("DenseAttention runs on whole sequences: context parallelism is applied outside")
         tp = config.tensor_model_parallel_size
         self.heads_per_partition = divide(config.num_attention_heads, tp)
         self.groups_per_partition = divide(config.num_query_groups, tp)
@@ -66,6 +65,9 @@ class DenseAttention(MegatronModule):
             )
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             raise TypeError(f"DenseAttention wants a bool mask (True = allowed), got {attention_mask.dtype}")
+        if attention_mask is None and self.config.context_parallel_size > 1:
+            raise ValueError("under context parallelism DenseAttention needs the mask of this rank's query rows")
+        key, value = gather_kv(key, self.config), gather_kv(value, self.config)  # context parallelism
         q, k, v = (to_bhsd(t, thd) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
             q,

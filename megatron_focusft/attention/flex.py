@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from megatron_focusft.attention.context_parallel import gather_kv
 from megatron_focusft.attention.layout import from_bhsd, is_thd, to_bhsd
 from megatron_focusft.masks import MaskInputs
 
@@ -49,19 +50,19 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def tile_masks(inputs: MaskInputs, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Which (query tile, key tile) pairs are partially / fully allowed: two bool [b, 1, nq, nk].
 
-    Positions past the end of the sequence count as masked (as in ``create_block_mask``), so a ragged last
-    tile is never "full".
+    Positions past the end of the queries or keys count as masked (as in ``create_block_mask``), so a
+    ragged last tile is never "full".
     """
-    b, s = inputs.batch_size, inputs.seq_len
-    n = -(-s // block_size)
-    padded = n * block_size
+    b, s, q = inputs.batch_size, inputs.seq_len, inputs.num_queries
+    nk, nq = -(-s // block_size), -(-q // block_size)
+    padded = nk * block_size
     band_tiles = max(1, _MAX_BAND_ELEMENTS // (b * padded * block_size))
     partial, full = [], []
-    for t0 in range(0, n, band_tiles):
-        t1 = min(n, t0 + band_tiles)
-        rows = inputs.rows(t0 * block_size, min(s, t1 * block_size))  # [b, r, s]
+    for t0 in range(0, nq, band_tiles):
+        t1 = min(nq, t0 + band_tiles)
+        rows = inputs.rows(t0 * block_size, min(q, t1 * block_size))  # [b, r, s]
         rows = torch.nn.functional.pad(rows, (0, padded - s, 0, (t1 - t0) * block_size - rows.shape[1]))
-        tiles = rows.view(b, t1 - t0, block_size, n, block_size)
+        tiles = rows.view(b, t1 - t0, block_size, nk, block_size)
         any_ = tiles.any(dim=4).any(dim=2)
         all_ = tiles.all(dim=4).all(dim=2)
         partial.append(any_ & ~all_)
@@ -74,7 +75,7 @@ def build_block_mask(inputs: MaskInputs, block_size: int = DEFAULT_BLOCK_SIZE) -
     partial, full = tile_masks(inputs, block_size)
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    n = partial.shape[-1]
+    n = max(partial.shape[-1], partial.shape[-2])
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
@@ -82,7 +83,7 @@ def build_block_mask(inputs: MaskInputs, block_size: int = DEFAULT_BLOCK_SIZE) -
         full_idx,
         BLOCK_SIZE=block_size,
         mask_mod=inputs.mask_mod(pad_to=n * block_size),
-        seq_lengths=(inputs.seq_len, inputs.seq_len),
+        seq_lengths=(inputs.num_queries, inputs.seq_len),
     )
 
 
@@ -105,8 +106,6 @@ class FlexAttention(MegatronModule):
         **_: object,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("FlexAttention runs on whole sequences: context parallelism is applied outside")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(f"the flex attention backend has no attention dropout (got {dropout})")
@@ -132,6 +131,7 @@ class FlexAttention(MegatronModule):
                 f"got {type(attention_mask).__name__}"
             )
         thd = is_thd(packed_seq_params)
+        key, value = gather_kv(key, self.config), gather_kv(value, self.config)  # context parallelism
         q, k, v = (to_bhsd(t, thd) for t in (query, key, value))
         if tuple(attention_mask.seq_lengths) != (q.shape[2], k.shape[2]):
             raise ValueError(

@@ -156,8 +156,8 @@ def validate(args: argparse.Namespace, world_size: int | None = None) -> None:
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
             f"x --context-parallel-size {cp}"
         )
-    if cp != 1:
-        raise ArgumentError("--context-parallel-size > 1 is not supported yet (context parallelism: issue 8)")
+    if cp > 1 and (args.attention_backend == "te"):
+        raise ArgumentError("--context-parallel-size > 1 needs --attention-backend flex or dense (all-gather KV)")
     dp = world_size // (tp * cp)
     if args.micro_batch_size < 1 or args.global_batch_size % (args.micro_batch_size * dp):
         raise ArgumentError(
