@@ -34,6 +34,7 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+from torch.utils.checkpoint import checkpoint
 
 from megatron_focusft.attention import build_attention_mask
 from megatron_focusft.attention.context_parallel import load_balanced_index
@@ -93,12 +94,23 @@ class BilevelStep:
         layers = list(model.decoder.layers)
         self.bottom, self.top = layers[: self.split], layers[self.split :]
         self.sequence_parallel = tc.sequence_parallel
+        if tc.recompute_granularity is not None:
+            raise ValueError(
+                "Megatron's own recompute (reentrant) cannot run the inner loop; use FocuSFTConfig.recompute"
+            )
+        for layer in layers:  # selective recompute: core attention is recomputed in backward
+            layer.self_attention.core_attention.recompute = config.recompute == "selective"
 
     # ---- model pieces -------------------------------------------------------------------------------
 
     def _run(self, hidden: torch.Tensor, layers: Sequence[torch.nn.Module], ctx: dict) -> torch.Tensor:
         for layer in layers:
-            hidden, _ = layer(hidden_states=hidden, **ctx)
+            if self.config.recompute == "full" and torch.is_grad_enabled():
+                hidden = checkpoint(
+                    lambda h, layer=layer: layer(hidden_states=h, **ctx)[0], hidden, use_reentrant=False
+                )
+            else:
+                hidden, _ = layer(hidden_states=hidden, **ctx)
         return hidden
 
     def _output_weight(self) -> torch.Tensor:
@@ -106,14 +118,30 @@ class BilevelStep:
         return m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else m.output_layer.weight
 
     def token_losses(self, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross entropy (fp32, vocab parallel) at ``positions`` only; ``hidden`` is the top's output."""
+        """Cross entropy (fp32, vocab parallel) at ``positions`` only; ``hidden`` is the top's output.
+
+        Positions go through the output layer ``loss_chunk_tokens`` at a time, each chunk recomputed in
+        backward, so the fp32 logits of all response positions never exist at once.
+        """
         hidden = self.model.decoder.final_layernorm(hidden)
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
         selected = hidden[positions, 0]
         if not self.sequence_parallel:
             selected = copy_to_tensor_model_parallel_region(selected)
-        logits = F.linear(selected, self._output_weight()).float()
+        weight = self._output_weight()
+        chunk = self.config.loss_chunk_tokens
+        if selected.shape[0] <= chunk or not torch.is_grad_enabled():
+            return self._cross_entropy(selected, weight, labels)
+        return torch.cat(
+            [
+                checkpoint(self._cross_entropy, h, weight, y, use_reentrant=False)
+                for h, y in zip(selected.split(chunk), labels.split(chunk))
+            ]
+        )
+
+    def _cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, weight).float()
         # Rows past the real vocabulary (Megatron's padding) are not tokens: they get no probability.
         start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
         if start + logits.shape[-1] > self.vocab_size:
@@ -220,15 +248,18 @@ class BilevelStep:
                     whole = _sum_over_context_parallel(doc_losses.detach())
                     stats.inner_losses.append(whole)
                     fast = self._inner_update(fast, doc_losses, torch.isfinite(whole))
+                    # autograd.grad frees only the graph it ran through: drop the rest of this pass's
+                    # graph now, so no inner-pass activation lives on into the outer pass.
+                    del doc_losses
             stats.adapted = fast.detached()
             self.slot.active = stats.adapted
-        try:
+        try:  # the fast weights stay in place through the backward: recomputed layers read them again
             token_losses = self.token_losses(self._run(hidden, self.top, ctx), positions, labels)
+            document_losses = per_document(token_losses)
+            outer = document_losses.sum() if cfg.loss_reduction == "sample" else token_losses.sum()
+            (outer * loss_scale).backward()
         finally:
             self.slot.active = None
-        document_losses = per_document(token_losses)
-        outer = document_losses.sum() if cfg.loss_reduction == "sample" else token_losses.sum()
-        (outer * loss_scale).backward()
         stats.outer_loss_sum = _sum_over_context_parallel(outer.detach())
         stats.document_losses = _sum_over_context_parallel(document_losses.detach())
         return stats

@@ -32,6 +32,12 @@ class FocuSFTConfig:
     attention_backend: Literal["flex", "dense", "te"] = "flex"
     loss_reduction: Literal["sample", "token"] = "sample"
     seed: int = 1234
+    # Activation recompute (our own, non-reentrant: Megatron's reentrant checkpoint refuses the inner loop's
+    # autograd.grad): 'selective' recomputes core attention in backward, 'full' whole layers.
+    recompute: Literal["selective", "full"] | None = None
+    # The output layer and cross entropy run on at most this many response positions at a time, each chunk
+    # recomputed in backward, so [positions, vocab / TP] fp32 logits never exist whole.
+    loss_chunk_tokens: int = 4096
 
     @property
     def lora_scale(self) -> float:
@@ -67,6 +73,10 @@ class FocuSFTConfig:
             raise FocuSFTConfigError(f"fast-weight targets {self.targets} must be a non-empty subset of {TARGETS}")
         if self.attention_mask not in MASK_MODES:
             raise FocuSFTConfigError(f"--attention-mask must be one of {MASK_MODES}, got {self.attention_mask!r}")
+        if self.recompute not in (None, "selective", "full"):
+            raise FocuSFTConfigError(f"--recompute-granularity must be selective or full, got {self.recompute!r}")
+        if self.loss_chunk_tokens < 1:
+            raise FocuSFTConfigError("the loss chunk must hold at least one token")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise FocuSFTConfigError(f"--loss-reduction must be one of {LOSS_REDUCTIONS}")
         if self.attention_backend == "te" and self.attention_mask == "glm":

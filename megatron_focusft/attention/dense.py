@@ -12,6 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+from torch.utils.checkpoint import checkpoint
 
 from megatron_focusft.attention.context_parallel import gather_kv
 from megatron_focusft.attention.layout import from_bhsd, is_thd, to_bhsd
@@ -44,6 +45,7 @@ class DenseAttention(MegatronModule):
         self.groups_per_partition = divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.recompute = False  # set by the bilevel step for selective activation recompute
 
     def forward(
         self,
@@ -69,14 +71,21 @@ class DenseAttention(MegatronModule):
             raise ValueError("under context parallelism DenseAttention needs the mask of this rank's query rows")
         key, value = gather_kv(key, self.config), gather_kv(value, self.config)  # context parallelism
         q, k, v = (to_bhsd(t, thd) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attention_mask,
-            is_causal=attention_mask is None,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            scale=self.softmax_scale,
-            enable_gqa=self.groups_per_partition != self.heads_per_partition,
-        )
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attention_mask,
+                is_causal=attention_mask is None,
+                dropout_p=self.dropout_p if self.training else 0.0,
+                scale=self.softmax_scale,
+                enable_gqa=self.groups_per_partition != self.heads_per_partition,
+            )
+
+        if self.recompute and torch.is_grad_enabled():  # selective recompute: keep no S x S probabilities
+            out = checkpoint(attend, q, k, v, use_reentrant=False)
+        else:
+            out = attend(q, k, v)
         return from_bhsd(out, thd)

@@ -112,6 +112,8 @@ class FlexAttention(MegatronModule):
         tp = config.tensor_model_parallel_size
         self.enable_gqa = divide(config.num_attention_heads, tp) != divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale
+        # Selective recompute has nothing to do here: FlexAttention keeps only the per-query logsumexp.
+        self.recompute = False
 
     def forward(
         self,

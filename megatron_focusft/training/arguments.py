@@ -129,6 +129,7 @@ def focusft_config(args: argparse.Namespace) -> FocuSFTConfig:
         attention_backend=args.attention_backend or ("flex" if args.device == "cuda" else "dense"),
         loss_reduction=args.loss_reduction,
         seed=args.seed,
+        recompute=args.recompute_granularity,
     )
 
 

@@ -80,11 +80,6 @@ def setup(args: argparse.Namespace) -> Trainer:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     slot = FastWeightSlot()
-    recompute = {}
-    if args.recompute_granularity:
-        recompute = {"recompute_granularity": args.recompute_granularity}
-        if args.recompute_granularity == "full":
-            recompute.update(recompute_method="uniform", recompute_num_layers=1)
     model = build_model(
         arch,
         core_attention_class(config.attention_backend),
@@ -93,7 +88,6 @@ def setup(args: argparse.Namespace) -> Trainer:
         perform_initialization=False,
         mlp_linears_for_layer=fast_weight_linears(slot, config.fast_layers(arch.num_layers), config.targets),
         calculate_per_token_loss=True,  # DDP sums gradients; the loop normalises by the global batch
-        **recompute,
     ).to(device)
     load_model(model, source)
     ddp = DistributedDataParallel(
