@@ -15,10 +15,12 @@ pipeline stage.  Every component is computed separately, in bytes on one GPU:
     What the autograd graph keeps per layer per token (Korthikanti et al. 2022, "Reducing Activation
     Recomputation in Large Transformer Models", adapted; see :func:`layer_activation_terms`), times the
     layers whose graph is alive at the peak.  Under FocuSFT: the bottom layers' graph (kept for the outer
-    backward) + the top layers' graph of the pass running (the outer pass, or one inner pass: an inner
-    pass's graph is freed by ``autograd.grad`` before the next pass starts, see :mod:`megatron_focusft.bilevel`)
-    + the fast-weight LoRA activations of the top layers.  ``inner_graph="kept"`` adds one more top-layer
-    graph (an upper bound, for a variant that would keep the inner graphs, e.g. second order).
+    backward) + the top layers' graph of the pass running (outer or inner; an inner pass's graph is
+    released by its ``autograd.grad``, see :mod:`megatron_focusft.bilevel`) + the fast-weight LoRA
+    activations of the top layers, + (``inner_graph="kept"``, the default) one more
+    top-layer graph: the last inner pass's graph is still referenced (``doc_losses``) while the outer pass
+    runs, and ``autograd.grad`` frees only the nodes it ran (measured on CPU: about half of that graph
+    stays alive, the attention blocks).  ``inner_graph="freed"`` is the step once that reference is dropped.
 ``activation working set``
     What exists only while one layer runs backward: the gradients of one layer's activations (about one
     layer's stored activations); under full recompute the recomputed layer's activations; under selective
@@ -86,7 +88,7 @@ class Workload:
     documents_per_pack: int = 8
     response_fraction: float = 0.15
     targets: tuple[str, ...] = ("gate", "up", "down")
-    inner_graph: Literal["freed", "kept"] = "freed"
+    inner_graph: Literal["freed", "kept"] = "kept"
 
     @property
     def uses_fast_weights(self) -> bool:
@@ -209,7 +211,8 @@ def layer_activation_terms(arch: Qwen2Arch, layout: Layout, work: Workload) -> d
       Q and K (h + kv) and its cos/sin tables (4 x head_dim, not split by TP).
     - flash/flex attention: the output O (2h, also linear_proj's input) and the fp32 log-sum-exp per query
       per head (4 a); no S^2 term.  Dense (math SDPA): + the fp32 scores per head (4 a S).
-    - SwiGLU: fc1's [gate; up] output (2 x 2f), silu(gate) (2f), the product = fc2's input (2f).
+    - SwiGLU: fc1's [gate; up] output (2 x 2f), silu(gate) (2f), ``up + glu_linear_offset`` (2f, a copy
+      Megatron's glu makes), the product = fc2's input (2f).
     - no dropout: no masks; bias-dropout-add keeps nothing.
     - selective recompute: the attention core keeps nothing of its own (lse, scores); Q, K, V are its
       checkpointed inputs and O is linear_proj's input, so only the lse / S^2 terms go.
@@ -224,7 +227,7 @@ def layer_activation_terms(arch: Qwen2Arch, layout: Layout, work: Workload) -> d
         "RoPE: rotated Q, K": BF16 * (h + kv) / t,
         "RoPE cos/sin for Q and K": 4 * BF16 * d,
         "attention output O": BF16 * h / t,
-        "SwiGLU: fc1 out, silu(gate), fc2 input": BF16 * (2 * f + f + f) / t,
+        "SwiGLU: fc1 out, silu(gate), up + offset, fc2 input": BF16 * (2 * f + f + f + f) / t,
     }
     if work.recompute == "none":
         terms["attention log-sum-exp (fp32)"] = FP32 * a / t

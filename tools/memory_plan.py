@@ -58,9 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inner-graph",
         choices=("freed", "kept"),
-        default="freed",
-        help="freed: an inner pass's graph is gone before the outer pass (what bilevel.py does); "
-        "kept: count one inner pass's top-layer graph on top (upper bound)",
+        default="kept",
+        help="kept (default, conservative): the last inner pass's top-layer graph is counted next to the outer "
+        "pass (bilevel.py still references part of it); freed: it is gone before the outer pass",
     )
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
     p.add_argument("--overhead-gib", type=float, default=1.5, help="CUDA context, NCCL buffers")
