@@ -271,7 +271,7 @@ def activation_components(arch: Qwen2Arch, layout: Layout, work: Workload) -> li
     mode = {"none": "everything", "selective": "no attention-core state", "full": "layer inputs only"}
     notes = f"{what}; stores {mode[work.recompute]}"
     if work.inner_graph == "kept" and n_top:
-        notes += "; + one inner pass's top graph (upper bound)"
+        notes += "; + the last inner pass's top graph"
 
     working = full_layer  # gradients of one layer's activations while it runs backward
     if work.recompute == "full":
