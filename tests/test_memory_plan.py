@@ -1,0 +1,203 @@
+"""The memory plan: exact parameter/gradient/optimizer bytes, how activations scale, the CLI, and (on a GPU)
+the prediction against torch.cuda.max_memory_allocated."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_focusft import memory_plan as mp
+from megatron_focusft.models.qwen2 import PRESETS, ConfigError, Qwen2Arch, tp_partition_dim
+from tools import memory_plan as cli
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN7B = PRESETS["qwen2.5-7b"]
+
+
+def _act(arch=QWEN7B, layout=None, **work) -> int:
+    return mp.plan(arch, layout or mp.Layout(), mp.Workload(**work))["activations"].bytes
+
+
+# ---- (1) parameters, gradients, optimizer ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_gradient_optimizer_bytes_equal_the_built_model(megatron_cpu, tied):
+    from megatron_focusft.attention import core_attention_class
+    from megatron_focusft.models.qwen2 import build_model
+
+    arch = Qwen2Arch(128, 3, 8, 4, 352, 1000, tied)  # vocabulary padded to 1024
+    model = build_model(arch, core_attention_class("dense"), perform_initialization=False)
+    params = list(model.named_parameters())
+    assert mp.parameter_count(arch) == sum(p.numel() for _, p in params)
+    for tp in (2, 4):  # local shards: split parameters / TP, the rest replicated
+        local = sum(p.numel() // (tp if tp_partition_dim(n) is not None else 1) for n, p in params)
+        assert mp.parameter_count(arch, tp) == local
+        layout = mp.Layout(tp=tp, cp=2, dp=3, sequence_parallel=True)
+        plan = mp.plan(arch, layout, mp.Workload(seq_length=256))
+        assert plan["parameters"].bytes == 2 * local
+        assert plan["gradient buffer"].bytes == 4 * local
+        assert plan["optimizer state"].bytes == math.ceil(12 * local / 6)
+
+
+def test_published_qwen25_7b_parameter_count():
+    assert mp.parameter_count(QWEN7B) == 7_615_616_512  # Qwen2.5-7B: 7.62B (vocabulary 152064 needs no padding)
+
+
+# ---- (2) activations ---------------------------------------------------------------------------------------
+
+
+def test_flex_activations_are_linear_and_dense_quadratic_in_sequence_length():
+    assert _act(seq_length=8192) == pytest.approx(2 * _act(seq_length=4096), rel=1e-6)
+    assert _act(seq_length=32768) == pytest.approx(8 * _act(seq_length=4096), rel=1e-6)
+    extra = [_act(seq_length=s, attention_backend="dense") - _act(seq_length=s) for s in (4096, 8192)]
+    assert extra[1] == pytest.approx(4 * extra[0], rel=1e-6)  # the S x S scores per head
+    assert extra[0] > _act(seq_length=4096)
+
+
+def test_tensor_and_sequence_parallelism_halve_activations():
+    one = _act(seq_length=8192)
+    assert _act(layout=mp.Layout(tp=2, sequence_parallel=True), seq_length=8192) == pytest.approx(one / 2, rel=0.01)
+    assert _act(layout=mp.Layout(tp=2), seq_length=8192) > 0.55 * one  # without SP the norms are replicated
+    # CP splits the sequence (the all-gathered K/V are in the working set)
+    assert _act(layout=mp.Layout(cp=2), seq_length=8192) == pytest.approx(one / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["flex", "dense"])
+def test_full_recompute_below_selective_at_most_none(backend):
+    def total(r):
+        p = mp.plan(QWEN7B, mp.Layout(tp=2, sequence_parallel=True), mp.Workload(32768, r, backend))
+        return p["activations"].bytes + p["activation working set"].bytes
+
+    assert total("full") < total("selective") <= total("none")
+
+
+def test_focusft_adds_about_the_top_layers_share():
+    sft = _act(seq_length=8192, focusft=False)
+    focus = _act(seq_length=8192)
+    n_top = 28 - int(28 * 0.65)  # layers 18..27
+    assert (focus - sft) / sft == pytest.approx(n_top / 28, rel=0.02)
+    # once the last inner graph is dropped before the outer pass: only the LoRA activations remain
+    freed = _act(seq_length=8192, inner_graph="freed")
+    assert sft < freed < 1.01 * sft
+    assert _act(seq_length=8192, inner_steps=0) == sft  # K=0 is plain SFT
+
+
+def test_fast_weights_and_head_sizes():
+    plan = mp.plan(QWEN7B, mp.Layout(tp=2), mp.Workload(seq_length=4096, documents_per_pack=4))
+    h, f, r = 3584, 18944, 32
+    per_doc_layer = 3 * (r * h + f // 2 * r)  # gate/up: A [r, h], B [f/tp, r]; down: A [r, f/tp], B [h, r]
+    assert plan["fast weights"].bytes == 3 * 4 * per_doc_layer * 4 * 10
+    resp = math.ceil(0.15 * 4096)
+    assert plan["output head"].bytes >= 4 * resp * 152064 // 2
+    assert "fast weights" not in mp.plan(QWEN7B, mp.Layout(), mp.Workload(focusft=False)).to_dict()["components"]
+
+
+def test_overhead_is_explicit_and_fit():
+    work = mp.Workload(seq_length=4096)
+    a = mp.plan(QWEN7B, mp.Layout(tp=2, dp=4), work, overhead_gib=0, overhead_fraction=0)
+    b = mp.plan(QWEN7B, mp.Layout(tp=2, dp=4), work, overhead_gib=2, overhead_fraction=0.1)
+    assert a["overhead"].bytes == 0
+    assert b.total_bytes == pytest.approx(a.total_bytes * 1.1 + 2 * mp.GiB, abs=1)
+    assert a.fits and not replace(a, gpu_memory_gib=10).fits
+
+
+def test_bad_layouts_are_config_errors():
+    with pytest.raises(ConfigError, match="does not divide num_key_value_heads = 4"):
+        mp.plan(QWEN7B, mp.Layout(tp=8), mp.Workload())
+    with pytest.raises(ConfigError, match="divisible by 2\\*CP"):
+        mp.plan(QWEN7B, mp.Layout(cp=4), mp.Workload(seq_length=4100))
+
+
+# ---- (3) command line -------------------------------------------------------------------------------------
+
+
+def test_cli_prints_the_table(capsys):
+    args = ["--preset", "qwen2.5-7b", "--seq-length", "4096", "--tp", "2", "--sequence-parallel", "--dp", "4"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("parameters", "gradient buffer", "optimizer state", "activations", "fast weights", "overhead"):
+        assert f"| {name} |" in out
+    assert "| **total** |" in out and "fits in 80 GiB" in out
+
+
+def test_cli_json_and_hf_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["qwen2.5-0.5b"].to_hf_config()))
+    assert cli.main(["--hf-config", str(tmp_path), "--json", "--no-bilevel", "--num-gpus", "8"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["layout"]["dp"] == 8 and got["workload"]["focusft"] is False
+    assert got["total_bytes"] == sum(c["bytes"] for c in got["components"].values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "qwen9"], "unknown preset 'qwen9'"),
+        (["--preset", "qwen2.5-7b", "--tp", "8"], "tensor-parallel size 8 does not divide num_key_value_heads = 4"),
+        (["--tp", "2", "--cp", "2", "--num-gpus", "6"], "--num-gpus 6 is not a multiple of TP*CP = 4"),
+    ],
+)
+def test_cli_bad_model_or_layout_exits_2_with_one_line(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_cli_exit_status_in_a_subprocess():
+    run = subprocess.run(
+        [sys.executable, "tools/memory_plan.py", "--preset", "qwen2.5-7b", "--tp", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: tensor-parallel size 8")
+
+
+# ---- (4) the prediction against a GPU's peak ----------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_length", [4096, 8192])
+def test_prediction_matches_cuda_peak(seq_length):
+    """Standard SFT through BilevelStep, bf16, flex: the growth of allocated memory over one forward+backward
+    (bf16 .grad + activations + working set + head) within 10% of the plan."""
+    from megatron_focusft import runtime
+    from megatron_focusft.attention import core_attention_class
+    from megatron_focusft.benchmark import synthetic_input
+    from megatron_focusft.bilevel import BilevelStep
+    from megatron_focusft.config import FocuSFTConfig
+    from megatron_focusft.fast_weights import FastWeightSlot
+    from megatron_focusft.models.qwen2 import build_model
+
+    runtime.initialize("cuda")
+    try:
+        arch = Qwen2Arch(1024, 4, 16, 4, 2816, 32000, False)
+        cfg = FocuSFTConfig(inner_steps=0, attention_backend="flex")
+        model = build_model(arch, core_attention_class("flex"), params_dtype=torch.bfloat16).cuda()
+        step = BilevelStep(model, cfg, FastWeightSlot(), arch.vocab_size)
+        inp = synthetic_input(seq_length, arch.vocab_size).to(torch.device("cuda"))
+        step(inp, 1.0)  # compile the kernel
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(inp, 1.0)
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated() - base
+        fraction = float(inp.label_mask.sum()) / seq_length
+        plan = mp.plan(arch, mp.Layout(), mp.Workload(seq_length, focusft=False, response_fraction=fraction))
+        names = ("parameters", "activations", "activation working set", "output head")  # .grad = bf16 params
+        predicted = sum(plan[n].bytes for n in names)
+        assert measured == pytest.approx(predicted, rel=0.10), (measured / 2**20, predicted / 2**20)
+    finally:
+        runtime.destroy()
