@@ -11,7 +11,7 @@
 #
 #   sbatch examples/run_focusft_qwen7b.sh                          # the paper's 4K recipe on 1 node
 #   SCALE=32k sbatch --nodes=2 examples/run_focusft_qwen7b.sh      # 32K context (TP=4, CP=2, SP, selective)
-#   SCALE=128k sbatch --nodes=4 examples/run_focusft_qwen7b.sh     # 128K context (TP=8, CP=4, SP, full)
+#   SCALE=128k sbatch --nodes=4 examples/run_focusft_qwen7b.sh     # 128K context (TP=4, CP=8, SP, selective)
 #   DRY_RUN=1 bash examples/run_focusft_qwen7b.sh                  # print the commands, run nothing
 #   bash examples/run_focusft_qwen7b.sh                            # no SLURM: torchrun --standalone here
 #
@@ -66,8 +66,11 @@ fi
 DRY_RUN=${DRY_RUN:-0}
 
 # --------------------------------------------------------------------------------------------- scale
-# Parallel layout for Qwen2.5-7B on 80 GB GPUs, per context length.
-# memory plan: see BENCHMARKS.md (per-GPU numbers to come from tools/memory_plan.py)
+# Parallel layout for Qwen2.5-7B on 80 GB GPUs, per context length. Memory plan (tools/memory_plan.py,
+# predicted GiB per GPU for FocuSFT, bf16, distributed optimizer; details in BENCHMARKS.md):
+#   4k:   TP=2, SP, no recompute          52.3 GiB   (1 node)
+#   32k:  TP=4, CP=2, SP, selective       51.5 GiB   (2 nodes)
+#   128k: TP=4, CP=8, SP, selective       48.8 GiB   (4 nodes; TP=8 cannot split the 4 KV heads of 7B)
 SCALE=${SCALE:-4k}
 case "${SCALE,,}" in
     4k)  # the paper's setting
@@ -75,7 +78,7 @@ case "${SCALE,,}" in
     32k)
         def_seq=32768;  def_tp=4; def_cp=2; def_sp=1; def_recompute=selective ;;
     128k)
-        def_seq=131072; def_tp=8; def_cp=4; def_sp=1; def_recompute=full ;;
+        def_seq=131072; def_tp=4; def_cp=8; def_sp=1; def_recompute=selective ;;
     *)
         die "unknown SCALE='$SCALE' (expected 4k, 32k or 128k)" ;;
 esac

@@ -17,10 +17,9 @@ pipeline stage.  Every component is computed separately, in bytes on one GPU:
     layers whose graph is alive at the peak.  Under FocuSFT: the bottom layers' graph (kept for the outer
     backward) + the top layers' graph of the pass running (outer or inner; an inner pass's graph is
     released by its ``autograd.grad``, see :mod:`megatron_focusft.bilevel`) + the fast-weight LoRA
-    activations of the top layers, + (``inner_graph="kept"``, the default) one more
-    top-layer graph: the last inner pass's graph is still referenced (``doc_losses``) while the outer pass
-    runs, and ``autograd.grad`` frees only the nodes it ran (measured on CPU: about half of that graph
-    stays alive, the attention blocks).  ``inner_graph="freed"`` is the step once that reference is dropped.
+    activations of the top layers.  (``inner_graph="kept"`` adds one more top-layer graph: what the step
+    cost before it dropped its last reference to the last inner pass's graph, since ``autograd.grad``
+    frees only the nodes it ran; kept for comparison.)
 ``activation working set``
     What exists only while one layer runs backward: the gradients of one layer's activations (about one
     layer's stored activations); under full recompute the recomputed layer's activations; under selective
@@ -88,7 +87,7 @@ class Workload:
     documents_per_pack: int = 8
     response_fraction: float = 0.15
     targets: tuple[str, ...] = ("gate", "up", "down")
-    inner_graph: Literal["freed", "kept"] = "kept"
+    inner_graph: Literal["freed", "kept"] = "freed"
 
     @property
     def uses_fast_weights(self) -> bool:

@@ -81,11 +81,11 @@ def test_full_recompute_below_selective_at_most_none(backend):
 
 def test_focusft_adds_about_the_top_layers_share():
     sft = _act(seq_length=8192, focusft=False)
-    focus = _act(seq_length=8192)
+    kept = _act(seq_length=8192, inner_graph="kept")
     n_top = 28 - int(28 * 0.65)  # layers 18..27
-    assert (focus - sft) / sft == pytest.approx(n_top / 28, rel=0.02)
-    # once the last inner graph is dropped before the outer pass: only the LoRA activations remain
-    freed = _act(seq_length=8192, inner_graph="freed")
+    assert (kept - sft) / sft == pytest.approx(n_top / 28, rel=0.02)
+    # the step drops the last inner graph before the outer pass: only the LoRA activations remain
+    freed = _act(seq_length=8192)
     assert sft < freed < 1.01 * sft
     assert _act(seq_length=8192, inner_steps=0) == sft  # K=0 is plain SFT
 

@@ -58,9 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inner-graph",
         choices=("freed", "kept"),
-        default="kept",
-        help="kept (default, conservative): the last inner pass's top-layer graph is counted next to the outer "
-        "pass (bilevel.py still references part of it); freed: it is gone before the outer pass",
+        default="freed",
+        help="freed (default): the last inner pass's graph is gone before the outer pass (bilevel.py drops it); "
+        "kept: count it next to the outer pass (the step before that fix, for comparison)",
     )
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
     p.add_argument("--overhead-gib", type=float, default=1.5, help="CUDA context, NCCL buffers")

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 from megatron_focusft.attention.context_parallel import gather_kv
 from megatron_focusft.attention.layout import from_bhsd, is_thd, to_bhsd
@@ -112,8 +113,7 @@ class FlexAttention(MegatronModule):
         tp = config.tensor_model_parallel_size
         self.enable_gqa = divide(config.num_attention_heads, tp) != divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale
-        # Selective recompute has nothing to do here: FlexAttention keeps only the per-query logsumexp.
-        self.recompute = False
+        self.recompute = False  # set by the bilevel step for selective activation recompute
 
     def forward(
         self,
@@ -144,7 +144,14 @@ class FlexAttention(MegatronModule):
                 "PyTorch's FlexAttention has no backward pass on CPU: run the flex backend on CUDA, "
                 "under torch.no_grad(), or use --attention-backend dense"
             )
-        out = _kernel(q.device)(
-            q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=self.enable_gqa
-        )
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return _kernel(q.device)(
+                q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=self.enable_gqa
+            )
+
+        if self.recompute and torch.is_grad_enabled():  # selective recompute: keep no output, no logsumexp
+            out = checkpoint(attend, q, k, v, use_reentrant=False)
+        else:
+            out = attend(q, k, v)
         return from_bhsd(out, thd)
