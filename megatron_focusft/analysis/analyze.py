@@ -32,13 +32,9 @@ class Sample:
 
 def load_probe_model(ckpt: str | Path, dtype: torch.dtype | None = None):
     """The checkpoint's model built with :class:`ProbeAttention` (eval mode; collective under TP)."""
-    from megatron_focusft.convert.megatron_io import CheckpointMeta, load_model, resolve_checkpoint
-    from megatron_focusft.models.qwen2 import build_model
+    from megatron_focusft.convert.megatron_io import load_checkpoint_model
 
-    ckpt_dir = resolve_checkpoint(ckpt)
-    meta = CheckpointMeta.read(ckpt_dir)
-    model = build_model(meta.arch, ProbeAttention, params_dtype=meta.dtype, perform_initialization=False)
-    load_model(model, ckpt_dir)
+    model, meta, _ = load_checkpoint_model(ckpt, ProbeAttention)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), meta.arch

@@ -52,13 +52,9 @@ class CachedAttention(DenseAttention):
 
 def load_generation_model(ckpt, dtype: torch.dtype | None = None):
     """(model, arch) of a megatron_focusft checkpoint built with :class:`CachedAttention` (collective)."""
-    from megatron_focusft.convert.megatron_io import CheckpointMeta, load_model, resolve_checkpoint
-    from megatron_focusft.models.qwen2 import build_model
+    from megatron_focusft.convert.megatron_io import load_checkpoint_model
 
-    ckpt_dir = resolve_checkpoint(ckpt)
-    meta = CheckpointMeta.read(ckpt_dir)
-    model = build_model(meta.arch, CachedAttention, params_dtype=meta.dtype, perform_initialization=False)
-    load_model(model, ckpt_dir)
+    model, meta, _ = load_checkpoint_model(ckpt, CachedAttention)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), meta.arch

@@ -37,7 +37,7 @@ from megatron_focusft.convert.layout import (
     tp_shard,
     tp_unshard,
 )
-from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, tp_partition_dim
+from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model, tp_partition_dim
 
 META_FILE = "focusft_checkpoint.json"
 LATEST_FILE = "latest"
@@ -151,6 +151,16 @@ def load_model(model: GPTModel, ckpt_dir: Path) -> None:
         raise ConfigError(f"{ckpt_dir}: no model/ folder in this checkpoint")
     state = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir))
     model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint_model(ckpt: str | Path, core_attention: type) -> tuple[GPTModel, CheckpointMeta, Path]:
+    """(model, metadata, folder) of checkpoint ``ckpt`` (or a training ``--save`` folder's latest), built at
+    this process's TP size with ``core_attention`` in the checkpoint's dtype and loaded (collective)."""
+    ckpt_dir = resolve_checkpoint(ckpt)
+    meta = CheckpointMeta.read(ckpt_dir)
+    model = build_model(meta.arch, core_attention, params_dtype=meta.dtype, perform_initialization=False)
+    load_model(model, ckpt_dir)
+    return model, meta, ckpt_dir
 
 
 def fill_from_hf(model: GPTModel, reader: HFCheckpointReader, dtype: torch.dtype, progress: bool) -> None:

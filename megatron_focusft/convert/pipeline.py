@@ -20,8 +20,7 @@ from megatron_focusft.convert.megatron_io import (
     atomic_output_dir,
     export_hf,
     fill_from_hf,
-    load_model,
-    resolve_checkpoint,
+    load_checkpoint_model,
     save_model,
 )
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model
@@ -60,10 +59,7 @@ def megatron_to_hf(
     progress: bool = True,
 ) -> None:
     """Convert a megatron_focusft checkpoint (or a training run's latest) into a HF folder (TP=1)."""
-    ckpt_dir = resolve_checkpoint(ckpt)
-    meta = CheckpointMeta.read(ckpt_dir)
-    model = build_model(meta.arch, DenseAttention, params_dtype=meta.dtype, perform_initialization=False)
-    load_model(model, ckpt_dir)
+    model, meta, ckpt_dir = load_checkpoint_model(ckpt, DenseAttention)
     export_hf(
         model,
         meta.arch,
@@ -107,11 +103,8 @@ def verify(hf_dir: Path, ckpt: Path, seq_len: int = 64, batch: int = 2, seed: in
     """Run the HF model and the converted Megatron model (fp32, TP=1) on the same random tokens."""
     from transformers import AutoModelForCausalLM
 
-    ckpt_dir = resolve_checkpoint(ckpt)
-    meta = CheckpointMeta.read(ckpt_dir)
+    model, meta, _ = load_checkpoint_model(ckpt, DenseAttention)
     arch = meta.arch
-    model = build_model(arch, DenseAttention, params_dtype=meta.dtype, perform_initialization=False)
-    load_model(model, ckpt_dir)
     model = model.float().eval()
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     tokens = torch.randint(0, arch.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
