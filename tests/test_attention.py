@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from megatron_focusft import attention
-from megatron_focusft.attention.flex import build_block_mask
+from megatron_focusft.attention.flex import build_block_mask, compiled_flex_attention
 from megatron_focusft.attention.te import TEUnavailableError
 from megatron_focusft.masks import MaskInputs
 
@@ -59,6 +60,27 @@ def test_flex_kernel_equals_sdpa_with_dense_mask(mode):
     out = flex_attention(q, k, v, block_mask=block, enable_gqa=True)
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_flex_reuses_one_graph_across_batches():
+    """Packs of one length with different documents, blocks and padding: the compiled kernel (what CUDA
+    runs) is traced once per mask mode, never per batch (that would cost seconds every step on a GPU),
+    and each output equals dense SDPA."""
+    torch._dynamo.reset()
+    counters.clear()
+    kernel = compiled_flex_attention()
+    g = torch.Generator().manual_seed(3)
+    s = 256
+    for mode, pad in (("glm", 0), ("glm", 9), ("glm", 30), ("causal", 0), ("causal", 17)):
+        docs, lm = random_pack(s, g, pad=pad)
+        q = torch.randn(1, 4, s, 16, generator=g)
+        k, v = torch.randn(2, 1, 2, s, 16, generator=g)
+        dense = attention.build_attention_mask("dense", docs, lm, mode)
+        block = attention.build_attention_mask("flex", docs, lm, mode)
+        out = kernel(q, k, v, block_mask=block, enable_gqa=True)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
 def test_cu_seqlens_and_packed_seq_params():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from megatron_focusft import attention
 from megatron_focusft.attention.bench import synthetic_pack
-from megatron_focusft.attention.flex import _kernel
+from megatron_focusft.attention.flex import flex_kernel
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,7 @@ def test_flex_forward_backward_equals_dense(mode, dtype):
     docs, lm = docs.cuda(), lm.cuda()
     dense_mask = attention.build_attention_mask("dense", docs, lm, mode)
     block_mask = attention.build_attention_mask("flex", docs, lm, mode)
-    kernel = _kernel(torch.device("cuda"))
+    kernel = flex_kernel(torch.device("cuda"))
     q, k, v = _qkv(s, dtype)
     grad_out = torch.randn_like(q)
     flex = lambda q, k, v: kernel(q, k, v, block_mask=block_mask, enable_gqa=True)  # noqa: E731
@@ -68,7 +68,7 @@ def _flex_peak_mib(s: int, mode: str) -> tuple[float, float]:
     torch.cuda.reset_peak_memory_stats()
     block_mask = attention.build_attention_mask("flex", docs, lm, mode)
     mask_peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    kernel = _kernel(torch.device("cuda"))
+    kernel = flex_kernel(torch.device("cuda"))
     q, k, v = _qkv(s, torch.bfloat16, heads=28, kv_heads=4, d=128)
     fwd_bwd = lambda: kernel(q, k, v, block_mask=block_mask, enable_gqa=True).sum().backward()  # noqa: E731
     fwd_bwd()  # compile

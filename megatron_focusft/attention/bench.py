@@ -127,9 +127,9 @@ def run_one(
         mask = build_mask()  # the first build also warms up
         mask_ms = _timed(build_mask, device, 1) if backend != "sdpa" else None
         if backend == "flex":
-            from megatron_focusft.attention.flex import _kernel
+            from megatron_focusft.attention.flex import flex_kernel
 
-            kernel = _kernel(device)
+            kernel = flex_kernel(device)
 
             def attn():
                 return kernel(q, k, v, block_mask=mask, enable_gqa=gqa)

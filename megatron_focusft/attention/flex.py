@@ -31,14 +31,22 @@ _MAX_BAND_ELEMENTS = 1 << 25
 _compiled_flex_attention = None
 
 
-def _kernel(device: torch.device):
-    """``flex_attention`` compiled on CUDA (cached per process), eager elsewhere."""
+def compiled_flex_attention():
+    """``flex_attention`` under ``torch.compile`` (static shapes), built once per process.
+
+    The BlockMask and the per-token tensors its ``mask_mod`` reads are graph inputs, so a new batch of
+    the same length reuses the compiled kernel; only a new sequence length compiles again.
+    """
     global _compiled_flex_attention
-    if device.type != "cuda":
-        return flex_attention
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention
+
+
+def flex_kernel(device: torch.device):
+    """The kernel the backend runs: compiled on CUDA, eager elsewhere (compiling on CPU costs more than
+    it saves for the forward-only use FlexAttention has there)."""
+    return compiled_flex_attention() if device.type == "cuda" else flex_attention
 
 
 def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +154,7 @@ class FlexAttention(MegatronModule):
             )
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return _kernel(q.device)(
+            return flex_kernel(q.device)(
                 q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=self.enable_gqa
             )
 
