@@ -305,6 +305,19 @@ def test_bad_conversations_give_clear_errors(encoder, messages, reason, message)
     assert str(e.value).startswith("data.jsonl:17: ") and message in str(e.value)
 
 
+def test_builtin_renderer_needs_chatml_special_tokens(tmp_path):
+    # a tokenizer.json without its added tokens: <|im_start|> would be spelled in pieces
+    with open(os.path.join(QWEN2_DIR, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in ("<|im_start|>", "<|im_end|>")]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    plain = load_tokenizer(str(tmp_path))
+    assert len(plain.encode("<|im_start|>")) > 1
+    with pytest.raises(DataError, match=r"'<\|im_start\|>' is not a single token") as e:
+        ChatEncoder(plain, renderer="qwen2.5")
+    assert str(tmp_path) in str(e.value)
+
+
 def test_missing_tokenizer_files(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_tokenizer(str(tmp_path / "nope"))

@@ -383,8 +383,12 @@ class ChatEncoder:
         self.max_length = max_length
         self.overlong = overlong
         self.fields = fields or FieldNames()
+        # The built-in renderer writes the ChatML markers, which must be special tokens: spelled out in
+        # pieces they would train the model on text it never sees from a real Qwen2.5 tokenizer.  A
+        # checkpoint's own template may use other markers; those it does use must still be single tokens.
+        builtin = isinstance(self.renderer, Qwen25Renderer)
         for marker in ("<|im_start|>", "<|im_end|>"):
-            if tokenizer.tokenizer.token_to_id(marker) is not None:
+            if builtin or tokenizer.tokenizer.token_to_id(marker) is not None:
                 tokenizer.single_id(marker)
 
     def render(self, record: dict) -> list[Segment]:
