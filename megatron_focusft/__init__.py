@@ -10,3 +10,6 @@ __version__ = "0.1.0"
 warnings.filterwarnings(
     "ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed\. Falling back", category=UserWarning
 )
+# megatron-core 0.16's own default ``cuda_graph_scope="full"`` warns that it is deprecated in every
+# TransformerConfig; we use no CUDA graphs.
+warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)

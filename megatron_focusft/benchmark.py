@@ -3,7 +3,8 @@
 Modes (paper table 3): standard SFT (no bilevel, causal), SFT + bidirectional context (no bilevel, glm),
 causal bilevel, FocuSFT (bilevel, glm).  Each mode runs the same :class:`BilevelStep` on the same model and
 pack; only the config differs.  Reported per mode: step time (forward, inner loop, backward; no optimizer
-step, identical for all modes), tokens/s, TFLOP/s and MFU, peak memory, and the ratio to standard SFT.
+step, identical for all modes), tokens/s, TFLOP/s and MFU, peak memory next to what
+:mod:`megatron_focusft.memory_plan` predicts for the same state, and the ratio to standard SFT.
 
 FLOPs are *SFT-equivalent*: the matmul FLOPs a standard SFT step on the pack needs (6 x tokens x
 layer parameters, the output layer at response positions, document-causal attention).  Every mode is
@@ -24,6 +25,8 @@ from megatron_focusft.attention.bench import synthetic_pack
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
+from megatron_focusft.memory_plan import Layout, Workload
+from megatron_focusft.memory_plan import plan as memory_plan
 from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
 from megatron_focusft.packed_input import PackedInput
 
@@ -68,20 +71,46 @@ def sft_flops(arch: Qwen2Arch, inp: PackedInput) -> float:
     return 3.0 * (arch.num_layers * (tokens * per_token_layer + attention) + output)
 
 
+# What the benchmark holds at its peak, in the memory plan's terms: parameters and their .grad (same dtype,
+# no DDP buffer, no optimizer), activations, the working set, the output head and the fast weights.
+_BENCHMARK_STATE = ("parameters", "activations", "activation working set", "output head", "fast weights")
+
+
+def predicted_peak_bytes(arch: Qwen2Arch, cfg: FocuSFTConfig, inp: PackedInput) -> int:
+    """The memory plan's prediction of this benchmark's peak allocated memory (bf16, one GPU)."""
+    tokens = int((inp.document_ids >= 0).sum())
+    work = Workload(
+        seq_length=inp.length,
+        recompute=cfg.recompute or "none",
+        attention_backend=cfg.attention_backend,
+        focusft=cfg.bilevel,
+        inner_steps=cfg.inner_steps,
+        layer_fraction=cfg.layer_fraction,
+        lora_rank=cfg.lora_rank,
+        documents_per_pack=inp.num_documents,
+        response_fraction=float(inp.label_mask.sum()) / max(tokens, 1),
+        targets=tuple(cfg.targets),
+    )
+    components = {c.name: c.bytes for c in memory_plan(arch, Layout(), work).components}
+    return components["parameters"] + sum(components.get(name, 0) for name in _BENCHMARK_STATE)
+
+
 @dataclass
 class Row:
     mode: str
+    seq_len: int
     step_ms: float
     tokens_per_s: float
     tflops: float
     mfu: float | None
     peak_gib: float | None
+    plan_gib: float | None
     ratio: float = 1.0
 
 
 def run(
     arch: Qwen2Arch,
-    seq_len: int,
+    seq_lens: list[int],
     base: FocuSFTConfig,
     device: torch.device,
     dtype: torch.dtype,
@@ -89,7 +118,8 @@ def run(
     iters: int = 3,
     peak_tflops: float | None = None,
 ) -> list[Row]:
-    """Time each ablation mode on one model and one pack; ratios are to standard SFT."""
+    """Time each ablation mode on one model and one pack of each length; ratios are to standard SFT at the
+    same length."""
     slot = FastWeightSlot()
     model = build_model(
         arch,
@@ -102,33 +132,57 @@ def run(
         for p in model.parameters():
             p.normal_(0.0, arch.initializer_range)
     model = model.to(device)
+    rows: list[Row] = []
+    for seq_len in seq_lens:
+        rows += _run_length(model, slot, arch, seq_len, base, device, warmup, iters, peak_tflops, dtype)
+    return rows
+
+
+def _run_length(
+    model: torch.nn.Module,
+    slot: FastWeightSlot,
+    arch: Qwen2Arch,
+    seq_len: int,
+    base: FocuSFTConfig,
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    peak_tflops: float | None,
+    dtype: torch.dtype,
+) -> list[Row]:
     inp = synthetic_input(seq_len, arch.vocab_size).to(device)
     flops = sft_flops(arch, inp)
+    cuda = device.type == "cuda"
     rows: list[Row] = []
     for mode, changes in ABLATION_MODES.items():
-        step = BilevelStep(model, dataclasses.replace(base, **changes), slot, arch.vocab_size)
+        cfg = dataclasses.replace(base, **changes)
+        step = BilevelStep(model, cfg, slot, arch.vocab_size)
         for _ in range(warmup):
             step(inp, loss_scale=1.0)
         model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(iters):
             step(inp, loss_scale=1.0)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / iters
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         model.zero_grad(set_to_none=True)
         tflops = flops / seconds / 1e12
         rows.append(
             Row(
                 mode=mode,
+                seq_len=seq_len,
                 step_ms=seconds * 1e3,
                 tokens_per_s=seq_len / seconds,
                 tflops=tflops,
                 mfu=tflops / peak_tflops if peak_tflops else None,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                peak_gib=peak,
+                plan_gib=predicted_peak_bytes(arch, cfg, inp) / 2**30 if dtype == torch.bfloat16 else None,
             )
         )
     for row in rows:
@@ -137,13 +191,16 @@ def run(
 
 
 def format_table(rows: list[Row]) -> str:
+    """Markdown table; ``plan GiB`` is the memory plan's prediction of ``peak GiB`` (bf16 only)."""
     lines = [
-        "| mode | step ms | tokens/s | TFLOP/s (SFT-equiv.) | MFU | peak GiB | step time / standard SFT |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| tokens | mode | step ms | tokens/s | TFLOP/s (SFT-equiv.) | MFU | peak GiB | plan GiB "
+        "| step time / standard SFT |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
-        cells = [r.mode, f"{r.step_ms:.1f}", f"{r.tokens_per_s:,.0f}", f"{r.tflops:.3f}", mfu, peak]
-        lines.append("| " + " | ".join(cells) + f" | {r.ratio:.2f}x |")
+        plan = f"{r.plan_gib:.2f}" if r.plan_gib is not None else "-"
+        cells = [str(r.seq_len), r.mode, f"{r.step_ms:.1f}", f"{r.tokens_per_s:,.0f}", f"{r.tflops:.3f}", mfu]
+        lines.append("| " + " | ".join(cells + [peak, plan]) + f" | {r.ratio:.2f}x |")
     return "\n".join(lines)

@@ -12,7 +12,6 @@ def test_benchmark_tool_runs_on_cpu(capsys):
     spec = importlib.util.spec_from_file_location("benchmark_attention", TOOL)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.parse_length("32k") == 32768
     rc = tool.main(
         "--device cpu --dtype fp32 --lengths 256 --backend flex,sdpa,dense --heads 4 --kv-heads 2 "
         "--head-dim 16 --warmup 1 --iters 1".split()

@@ -7,30 +7,22 @@ from megatron_focusft.models.qwen2 import tiny_arch
 from tools import benchmark as tool
 
 
-def test_four_modes_side_by_side(capsys):
-    assert (
-        tool.main(
-            [
-                "--preset",
-                "tiny",
-                "--seq-length",
-                "256",
-                "--device",
-                "cpu",
-                "--dtype",
-                "fp32",
-                "--warmup",
-                "0",
-                "--iters",
-                "1",
-            ]
-        )
-        == 0
-    )
+def test_four_modes_side_by_side_at_each_length(capsys):
+    argv = "--preset tiny --seq-length 128,256 --device cpu --dtype bf16 --warmup 0 --iters 1".split()
+    assert tool.main(argv) == 0
     out = capsys.readouterr().out
-    for mode in ("standard SFT", "SFT + bidir", "causal bilevel", "FocuSFT"):
-        assert f"| {mode} |" in out
-    assert "| standard SFT |" in out and "| 1.00x |" in out
+    for n in (128, 256):
+        for mode in ("standard SFT", "SFT + bidir", "causal bilevel", "FocuSFT"):
+            assert f"| {n} | {mode} |" in out
+        row = next(line for line in out.splitlines() if line.startswith(f"| {n} | standard SFT |"))
+        assert row.endswith("| 1.00x |")
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[7] == "-" and cells[8] != "-"  # no CUDA peak on CPU; the memory plan's prediction (bf16)
+
+
+def test_bad_length_is_a_clear_error(capsys):
+    assert tool.main(["--seq-length", "4m", "--device", "cpu"]) == 2
+    assert "--seq-length" in capsys.readouterr().err
 
 
 def test_sft_flops_counts_layers_attention_and_response_logits():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Step time of standard SFT, SFT + bidirectional context, causal bilevel and FocuSFT, side by side.
 
-    python tools/benchmark.py --preset qwen2.5-1.5b --seq-length 4096 --device cuda --dtype bf16
+    python tools/benchmark.py --preset qwen2.5-1.5b --seq-length 4k,8k,16k,32k --device cuda --dtype bf16
     python tools/benchmark.py --preset tiny --seq-length 1024 --device cpu --dtype fp32 --backend dense
 
 One process, one model, one synthetic pack of agentic trajectories; only the FocuSFT config differs
@@ -16,6 +16,7 @@ import sys
 import torch
 
 from megatron_focusft import benchmark, runtime
+from megatron_focusft.analysis.tasks import parse_length
 from megatron_focusft.config import FocuSFTConfig, FocuSFTConfigError
 from megatron_focusft.convert.megatron_io import DTYPES
 from megatron_focusft.models.qwen2 import ConfigError, get_preset, tiny_arch
@@ -24,7 +25,7 @@ from megatron_focusft.models.qwen2 import ConfigError, get_preset, tiny_arch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="'tiny' or a Qwen2.5 preset, e.g. qwen2.5-1.5b")
-    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--seq-length", default="4096", help="tokens per pack; several: 4k,8k,16k,32k")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument(
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: flex on cuda, dense on cpu (FlexAttention has no CPU backward)",
     )
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
     p.add_argument("--focusft-inner-steps", type=int, default=2)
     p.add_argument("--focusft-lora-rank", type=int, default=32)
     p.add_argument("--warmup", type=int, default=1)
@@ -43,13 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         arch = tiny_arch() if args.preset == "tiny" else get_preset(args.preset)
+        seq_lens = [parse_length(x) for x in args.seq_length.split(",")]
         backend = args.backend or ("flex" if args.device == "cuda" else "dense")
         base = FocuSFTConfig(
-            inner_steps=args.focusft_inner_steps, lora_rank=args.focusft_lora_rank, attention_backend=backend
+            inner_steps=args.focusft_inner_steps,
+            lora_rank=args.focusft_lora_rank,
+            attention_backend=backend,
+            recompute=None if args.recompute == "none" else args.recompute,
         )
         base.validate(hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size)
     except (ConfigError, FocuSFTConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: --seq-length: {e}", file=sys.stderr)
         return 2
     runtime.initialize(args.device)
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
@@ -57,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if peak is None and args.device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in benchmark.PEAK_TFLOPS.items() if k in name), None)
-    rows = benchmark.run(arch, args.seq_length, base, device, DTYPES[args.dtype], args.warmup, args.iters, peak)
+    rows = benchmark.run(arch, seq_lens, base, device, DTYPES[args.dtype], args.warmup, args.iters, peak)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
-        f"{args.preset}, {args.seq_length} tokens/pack, {args.dtype}, {backend} attention, "
-        f"K={base.inner_steps}, rank {base.lora_rank}, {device_name}"
+        f"{args.preset}, {args.dtype}, {backend} attention, recompute {args.recompute}, "
+        f"K={base.inner_steps}, rank {base.lora_rank}, {device_name}, torch {torch.__version__}"
     )
     print(benchmark.format_table(rows))
     runtime.destroy()

@@ -17,11 +17,6 @@ import sys
 import torch
 
 
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="4k,16k,32k,64k", help="sequence lengths, e.g. 4k,16k or 512")
@@ -43,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
+    from megatron_focusft.analysis.tasks import parse_length
     from megatron_focusft.attention import bench
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
