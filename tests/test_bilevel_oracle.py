@@ -39,7 +39,9 @@ def _documents() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return docs
 
 
-def _config(k: int, mode: str, reduction: str = "sample") -> FocuSFTConfig:
+def _config(k: int, mode: str, reduction: str = "sample", clip: float = 0.05, lr: float = 1.0) -> FocuSFTConfig:
+    """``clip``: on this model B's gradient norms are 0.065-0.107 and A's (second step) below 0.01, so 0.05
+    clips every B (only its gradient's direction matters), 1.0 clips nothing (sizes matter) and 0.08 some."""
     return FocuSFTConfig(
         inner_steps=k,
         lora_rank=RANK,
@@ -47,8 +49,8 @@ def _config(k: int, mode: str, reduction: str = "sample") -> FocuSFTConfig:
         attention_mask=mode,
         attention_backend="dense",
         loss_reduction=reduction,
-        inner_grad_clip=0.05,  # small enough that the per-tensor clip is active
-        inner_lr=1.0,
+        inner_grad_clip=clip,
+        inner_lr=lr,
     )
 
 
@@ -173,7 +175,7 @@ def _assert_grads_close(ours: dict, ref: dict, case) -> None:
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    # 4 layers: fast weights on layers 2 and 3; GQA 2; vocabulary padded by Megatron.
+    # 3 layers: fast weights on layers 1 and 2; GQA 2; vocabulary padded by Megatron.
     return make_random_hf_checkpoint(gqa_arch(2, tied=False), tmp_path_factory.mktemp("hf"), seed=5)
 
 
@@ -184,11 +186,13 @@ def test_tp1_pack_of_three_equals_oracle(hf_dir, megatron_cpu):
     import dataclasses
 
     cfgs = [_config(k, mode) for k, mode in CASES] + [_config(2, "glm", "token")]
+    cfgs += [_config(2, "glm", clip=1.0, lr=0.5), _config(2, "causal", clip=0.08, lr=0.5)]
     # Activation recompute and a chunked loss (7 response positions at a time) change no number.
     cfgs += [dataclasses.replace(_config(2, "glm"), recompute=r, loss_chunk_tokens=7) for r in ("selective", "full")]
     ours = _megatron_grads(hf_dir, cfgs, sequence_parallel=False)
     for cfg, got in zip(cfgs, ours):
-        _assert_close(got, _oracle_grads(hf_dir, cfg), (cfg.inner_steps, cfg.attention_mask, cfg.loss_reduction))
+        case = (cfg.inner_steps, cfg.attention_mask, cfg.loss_reduction, cfg.inner_grad_clip, cfg.inner_lr)
+        _assert_close(got, _oracle_grads(hf_dir, cfg), case)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +206,8 @@ def test_tp1_pack_of_three_equals_oracle(hf_dir, megatron_cpu):
     ids=["tp2-sp", "tp2-sp-padding-rank", "cp2", "tp2-sp-cp2"],
 )
 def test_parallel_layouts_equal_oracle(hf_dir, world, tp, cp, padding):
-    cfgs = [_config(2, "glm"), _config(1, "causal", "token")]
+    cfgs = [_config(2, "glm"), _config(1, "causal", "token"), _config(2, "glm", clip=1.0, lr=0.5)]
     ours = run_distributed(_megatron_grads, world_size=world, tp=tp, cp=cp, args=(hf_dir, cfgs, tp > 1, padding))
     for cfg, got in zip(cfgs, ours):
-        _assert_close(got, _oracle_grads(hf_dir, cfg), (world, tp, cp, cfg.inner_steps, cfg.attention_mask))
+        case = (world, tp, cp, cfg.inner_steps, cfg.attention_mask, cfg.inner_grad_clip)
+        _assert_close(got, _oracle_grads(hf_dir, cfg), case)
