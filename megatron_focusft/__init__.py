@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 # Megatron-Core warns at import, from five modules, that TransformerEngine / Apex are missing and that it
 # uses its torch fallbacks.  That is the expected state on CPU, and what we need from TE we check and report
-# ourselves (``attention.te``, ``models.qwen2.te_layer_spec``), so the warnings only bury the tools' output.
+# ourselves (``attention.te``), so the warnings only bury the tools' output.
 warnings.filterwarnings(
     "ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed\. Falling back", category=UserWarning
 )

@@ -66,6 +66,10 @@ class FocuSFTConfig:
                 f"--focusft-lora-rank {self.lora_rank} is larger than the FFN's width "
                 f"(min(hidden {hidden_size}, ffn {ffn_hidden_size}) = {width})"
             )
+        if self.lora_alpha <= 0:
+            raise FocuSFTConfigError(
+                f"--focusft-lora-alpha must be > 0 (the fast weights' scale alpha/r), got {self.lora_alpha}"
+            )
         if self.inner_lr <= 0 or self.inner_grad_clip <= 0:
             raise FocuSFTConfigError("--focusft-inner-lr and --focusft-inner-grad-clip must be > 0")
         bad = [t for t in self.targets if t not in TARGETS]

@@ -63,6 +63,7 @@ def test_inner_loop_lowers_every_documents_loss_and_leaves_base_weights_alone(me
         ({"layer_fraction": 0.0}, "--focusft-layer-fraction must be in \\(0, 1\\]"),
         ({"layer_fraction": 1.5}, "--focusft-layer-fraction must be in \\(0, 1\\]"),
         ({"inner_steps": -1}, "--focusft-inner-steps must be >= 0"),
+        ({"lora_alpha": 0.0}, "--focusft-lora-alpha must be > 0"),
         ({"attention_backend": "te"}, "--attention-backend te cannot run --attention-mask glm"),
     ],
 )

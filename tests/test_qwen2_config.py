@@ -74,14 +74,3 @@ def test_tp_shards_line_up_with_megatron_local_layouts():
     w = torch.arange(12.0).reshape(3, 4)
     assert torch.equal(layout.tp_shard("x.linear_fc2.weight", w, 1, 1, 2), w[:, 2:])
     assert torch.equal(layout.tp_shard("x.input_layernorm.weight", w, None, 1, 2), w)
-
-
-def test_te_spec_without_transformer_engine_is_a_clear_error():
-    pytest.importorskip("megatron.core")
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        with pytest.raises(qwen2.ConfigError, match="needs TransformerEngine.*--transformer-impl local"):
-            qwen2.te_layer_spec()
-    else:
-        assert qwen2.te_layer_spec() is not None

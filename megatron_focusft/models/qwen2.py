@@ -273,20 +273,6 @@ def layer_spec(
     )
 
 
-def te_layer_spec() -> ModuleSpec:
-    """Megatron-Core's TransformerEngine layer spec (fused kernels); needs TransformerEngine installed."""
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "--transformer-impl te needs TransformerEngine (pip install 'megatron-focusft[te]'); "
-            "use --transformer-impl local"
-        ) from None
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-    return get_gpt_layer_with_transformer_engine_spec()
-
-
 def block_spec(
     config: TransformerConfig,
     layer_spec_for: Callable[[int], ModuleSpec],
