@@ -3,7 +3,7 @@
 #
 #   bash examples/quickstart.sh [WORKDIR]        (default WORKDIR: ./quickstart-run; must not exist)
 #
-# 1. installs what it needs (CPU torch, this package)
+# 1. installs what it needs (torch if missing, this package)
 # 2. writes a synthetic long-context, multi-turn retrieval data set and a tiny tokenizer trained on it
 # 3. makes a tiny random Qwen2 checkpoint (Hugging Face format) and converts it to Megatron-Core (TP=2)
 # 4. renders, tokenises and packs the conversations (loss masks, context/response blocks)
@@ -18,7 +18,8 @@ WORK=${1:-quickstart-run}
 ITERS=${QUICKSTART_ITERS:-60}
 HALF=$((ITERS / 2))
 if [ -e "$WORK" ]; then echo "error: $WORK already exists; pass a new folder" >&2; exit 2; fi
-python3 -m pip install -q "torch==2.13.0"
+# A torch already installed is kept (PyPI's default Linux wheel of torch is the large CUDA build).
+python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[analysis,tensorboard]"
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 mkdir -p "$WORK"
