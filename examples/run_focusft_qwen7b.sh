@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=focusft-qwen7b
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
+#SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.log
 #
-# FocuSFT (bilevel long-context SFT) of Qwen2.5-7B with Megatron-Core: one torchrun per node, 8 GPUs each.
+# FocuSFT (bilevel long-context SFT) of Qwen2.5-7B with Megatron-Core: under SLURM one srun task per GPU
+# (8 per node, no torchrun: RANK/WORLD_SIZE/LOCAL_RANK come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID);
+# without SLURM one torchrun --standalone here.
 #
 #   sbatch examples/run_focusft_qwen7b.sh                          # the paper's 4K recipe on 1 node
 #   SCALE=32k sbatch --nodes=2 examples/run_focusft_qwen7b.sh      # 32K context (TP=4, CP=2, SP, selective)
@@ -18,6 +23,28 @@
 # Submit from the repository root (SLURM runs a copy of this script; the repository is $SLURM_SUBMIT_DIR),
 # or set REPO_DIR.  The run resumes by itself: --load and --save are both $SAVE_DIR, and tools/train.py
 # continues from the latest checkpoint there when one exists (so a requeued / resubmitted job goes on).
+#
+# Pre-emption and the time limit (how a long run survives its 24 h slots):
+#   - tools/train.py saves and exits 0 when a worker gets SIGUSR1 or SIGTERM: it sets a flag, finishes the
+#     running iteration, agrees across ranks (one signalled rank is enough), writes a full checkpoint
+#     (model, optimizer state, scheduler, iteration, consumed samples, per-rank RNG) and exits.  Checkpoints are
+#     written under a temporary name and renamed, so a save cut short leaves the previous one intact.
+#   - --signal=B:USR1@600: SLURM sends SIGUSR1 to this batch shell 10 minutes (give or take SLURM's 60 s
+#     resolution) before the time limit.  The shell forwards it to srun, srun to every task, i.e. straight to
+#     every Python worker (there is no torchrun in between to die of SIGUSR1 or to SIGKILL workers after
+#     its 30 s shutdown timeout).  When the step has exited 0 the shell runs `scontrol requeue $SLURM_JOB_ID`
+#     (--requeue; REQUEUE=0 to skip), the job goes back to the queue with the same id, and the next start
+#     resumes from $SAVE_DIR.  --open-mode=append keeps the log of every start in one %x-%j.log.
+#     Give more lead time where one step plus a save takes longer: sbatch --signal=B:USR1@900 ...
+#     Checkpoint-and-requeue by hand: scancel --batch --signal=USR1 <jobid>.
+#   - SIGTERM (scancel, pre-emption by a higher-priority job, the time limit itself) reaches the workers
+#     too and they try to save, but SLURM sends SIGKILL KillWait seconds later (30 s by default; GraceTime
+#     for pre-emption), usually too soon for a 7B checkpoint with optimizer state: the USR1 lead time is what
+#     makes the save reliable.  The shell does not requeue after SIGTERM (a pre-empting SLURM with
+#     PreemptMode=REQUEUE requeues the job itself, since it is --requeue).
+#   - Without SLURM: torchrun runs with --signals-to-handle ...,SIGUSR1 and --shutdown-timeout
+#     $SHUTDOWN_TIMEOUT, so `kill -USR1 <torchrun pid>` (or -TERM) makes the workers save and exit; torchrun
+#     itself then exits 1 with a SignalException traceback, which is expected.
 #
 # Before the first run:
 #   python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B-Instruct --out "$PRETRAINED" --dtype bf16
@@ -47,6 +74,11 @@
 #   TENSORBOARD_DIR  [$SAVE_DIR/tensorboard];  WANDB_PROJECT  [unset = no wandb]
 #   EXPORT_HF        write a Hugging Face folder here at the end [unset = no export]
 #   EXTRA_ARGS       more tools/train.py arguments, appended last (word-split) [empty]
+#   REQUEUE          1: requeue the job after a SIGUSR1-triggered save (SLURM only) [1]
+#   CPUS_PER_TASK    CPU cores per task (= per GPU) under SLURM [$SLURM_CPUS_ON_NODE / GPUS_PER_NODE, at least 1]
+#   SHUTDOWN_TIMEOUT seconds torchrun (no-SLURM path) lets workers save after a signal before SIGKILL [900]
+#   TORCHRUN_SIGNAL_FLAGS  1: pass those two torchrun options; 0 for an older torchrun without them [1]
+#   PYTHON           interpreter of the SLURM tasks [python]
 #   DRY_RUN          1: print the environment and the exact launch command instead of running it [0]
 set -euo pipefail
 
@@ -114,14 +146,21 @@ EVAL_INTERVAL=${EVAL_INTERVAL:-}
 WANDB_PROJECT=${WANDB_PROJECT:-}
 EXPORT_HF=${EXPORT_HF:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+REQUEUE=${REQUEUE:-1}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}
+TORCHRUN_SIGNAL_FLAGS=${TORCHRUN_SIGNAL_FLAGS:-1}
+PYTHON=${PYTHON:-python}
 
 # --------------------------------------------------------------------------------------------- checks
 is_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
-for v in SEQ_LENGTH TP CP MICRO_BATCH GLOBAL_BATCH NNODES GPUS_PER_NODE MASTER_PORT; do
+for v in SEQ_LENGTH TP CP MICRO_BATCH GLOBAL_BATCH NNODES GPUS_PER_NODE MASTER_PORT SHUTDOWN_TIMEOUT; do
     is_int "${!v}" || die "$v='${!v}' must be a positive integer"
 done
 [[ "$SP" == 0 || "$SP" == 1 ]] || die "SP='$SP' must be 0 or 1"
 [[ "$BILEVEL" == 0 || "$BILEVEL" == 1 ]] || die "BILEVEL='$BILEVEL' must be 0 or 1"
+[[ "$REQUEUE" == 0 || "$REQUEUE" == 1 ]] || die "REQUEUE='$REQUEUE' must be 0 or 1"
+[[ "$TORCHRUN_SIGNAL_FLAGS" == 0 || "$TORCHRUN_SIGNAL_FLAGS" == 1 ]] ||
+    die "TORCHRUN_SIGNAL_FLAGS='$TORCHRUN_SIGNAL_FLAGS' must be 0 or 1"
 case "$RECOMPUTE" in none | selective | full) ;; *) die "RECOMPUTE='$RECOMPUTE' must be none, selective or full" ;; esac
 case "$ATTENTION_BACKEND" in flex | dense | te) ;; *) die "ATTENTION_BACKEND='$ATTENTION_BACKEND' must be flex, dense or te" ;; esac
 if [[ "$SP" == 1 && "$TP" == 1 ]]; then
@@ -192,6 +231,11 @@ if [[ -n "$EXTRA_ARGS" ]]; then
 fi
 
 # --------------------------------------------------------------------------------------------- launcher
+# Under SLURM every task is one worker; this wrapper turns SLURM's per-task variables into the torchrun-style
+# environment megatron_focusft/runtime.py reads (RANK, WORLD_SIZE, LOCAL_RANK; MASTER_ADDR/MASTER_PORT are
+# exported below) and execs the worker, so the worker is the task's process and gets SLURM's signals.
+# shellcheck disable=SC2016  # expanded by each task's bash, not here
+TASK_ENV='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"'
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     if [[ -z "${MASTER_ADDR:-}" ]]; then
         if command -v scontrol >/dev/null 2>&1 && [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
@@ -203,22 +247,37 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
         fi
     fi
     [[ -n "$MASTER_ADDR" ]] || die "empty MASTER_ADDR (scontrol show hostnames printed nothing)"
+    if [[ -z "${CPUS_PER_TASK:-}" ]]; then
+        CPUS_PER_TASK=$((${SLURM_CPUS_ON_NODE:-$GPUS_PER_NODE} / GPUS_PER_NODE))
+        ((CPUS_PER_TASK >= 1)) || CPUS_PER_TASK=1
+    fi
+    is_int "$CPUS_PER_TASK" || die "CPUS_PER_TASK='$CPUS_PER_TASK' must be a positive integer"
     export MASTER_ADDR MASTER_PORT
     EXPORTED+=(MASTER_ADDR MASTER_PORT)
+    # --ntasks is explicit: sbatch exports SLURM_NTASKS, which srun would otherwise take as its task count.
     LAUNCH=(
-        srun --nodes "$NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1
-        torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
-        --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"
+        srun --nodes "$NNODES" --ntasks "$WORLD" --ntasks-per-node "$GPUS_PER_NODE"
+        --cpus-per-task "$CPUS_PER_TASK" --kill-on-bad-exit=1
+        bash -c "$TASK_ENV" focusft-task "$PYTHON" -u
     )
 else
     ((NNODES == 1)) || die "NNODES=$NNODES without SLURM: multi-node runs need sbatch (or set SLURM_* yourself)"
     LAUNCH=(torchrun --standalone --nnodes 1 --nproc-per-node "$GPUS_PER_NODE")
+    if [[ "$TORCHRUN_SIGNAL_FLAGS" == 1 ]]; then
+        # torchrun forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT by default (SIGUSR1 would kill it) and
+        # SIGKILLs its workers 30 s after forwarding: give them the time to finish a step and save.
+        LAUNCH+=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$SHUTDOWN_TIMEOUT")
+    fi
 fi
 CMD=("${LAUNCH[@]}" "$REPO_DIR/tools/train.py" "${TRAIN_ARGS[@]}")
 
 echo "# FocuSFT Qwen2.5-7B: SCALE=$SCALE seq=$SEQ_LENGTH nodes=$NNODES gpus/node=$GPUS_PER_NODE" \
     "TP=$TP CP=$CP SP=$SP DP=$DP recompute=$RECOMPUTE micro=$MICRO_BATCH global=$GLOBAL_BATCH" \
     "accumulation=$((GLOBAL_BATCH / (MICRO_BATCH * DP)))"
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    echo "# pre-emption: SIGUSR1 to this shell (sbatch --signal=B:USR1@600) is forwarded to srun and its tasks;" \
+        "the workers save and exit; then requeue=$REQUEUE (SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0})"
+fi
 if [[ "$DRY_RUN" == 1 ]]; then
     for v in "${EXPORTED[@]}"; do
         printf 'export %s=%q\n' "$v" "${!v}"
@@ -236,4 +295,38 @@ cd "$REPO_DIR"
 [[ -e "$DATA_PATH.idx" || -e "$DATA_PATH.json" ]] ||
     die "DATA_PATH=$DATA_PATH: no preprocessed data (make it with tools/preprocess_data.py --pack-length $SEQ_LENGTH)"
 mkdir -p "$SAVE_DIR"
-exec "${CMD[@]}"
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    exec "${CMD[@]}"
+fi
+
+# SLURM: run the step in the background so that this shell can take SIGUSR1/SIGTERM while it runs (bash runs
+# a trap only between commands, and a foreground srun would hold it off until the step is over).
+STOP_SIGNAL=
+STEP_PID=
+forward() {
+    STOP_SIGNAL=$1
+    echo "run_focusft_qwen7b.sh: got SIG$1, forwarding it to the training step (the workers save and exit)" >&2
+    if [[ -n "$STEP_PID" ]]; then kill -s "$1" "$STEP_PID" 2>/dev/null || true; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+"${CMD[@]}" &
+STEP_PID=$!
+while :; do
+    rc=0
+    wait "$STEP_PID" || rc=$?
+    # > 128: wait was interrupted by a trapped signal; the step is still running (or just ended)
+    if ((rc > 128)) && kill -0 "$STEP_PID" 2>/dev/null; then continue; fi
+    break
+done
+if ((rc > 128)); then # it ended right after the interruption: its own status is still there to collect
+    rc=0
+    wait "$STEP_PID" || rc=$?
+fi
+trap - USR1 TERM
+echo "run_focusft_qwen7b.sh: training step exited with status $rc${STOP_SIGNAL:+ after SIG$STOP_SIGNAL}" >&2
+if [[ "$STOP_SIGNAL" == USR1 && "$rc" == 0 && "$REQUEUE" == 1 ]]; then
+    echo "run_focusft_qwen7b.sh: requeueing job $SLURM_JOB_ID; it resumes from $SAVE_DIR" >&2
+    scontrol requeue "$SLURM_JOB_ID" || echo "run_focusft_qwen7b.sh: scontrol requeue failed; resubmit by hand" >&2
+fi
+exit "$rc"

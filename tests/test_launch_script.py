@@ -1,12 +1,17 @@
-"""examples/run_focusft_qwen7b.sh: syntax, and the DRY_RUN command line (recipe, SLURM rendezvous, SCALE)."""
+"""examples/run_focusft_qwen7b.sh: syntax, the DRY_RUN command line (recipe, SLURM launch, SCALE), and the
+pre-emption path (SIGUSR1 to the batch shell -> srun -> every worker -> save, exit 0 -> requeue) with a fake
+srun/scontrol and a stand-in tools/train.py."""
 
 from __future__ import annotations
 
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -40,7 +45,8 @@ SCRIPT_VARS = (
     "SCALE PRETRAINED DATA_PATH SAVE_DIR TP CP SP RECOMPUTE SEQ_LENGTH MICRO_BATCH GLOBAL_BATCH NNODES "
     "GPUS_PER_NODE MASTER_ADDR MASTER_PORT LR MIN_LR EPOCHS TRAIN_ITERS SEED BILEVEL ATTENTION_BACKEND "
     "SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL TENSORBOARD_DIR WANDB_PROJECT EXPORT_HF EXTRA_ARGS DRY_RUN "
-    "REPO_DIR OMP_NUM_THREADS NCCL_IB_TIMEOUT NCCL_DEBUG PYTORCH_CUDA_ALLOC_CONF"
+    "REPO_DIR OMP_NUM_THREADS NCCL_IB_TIMEOUT NCCL_DEBUG PYTORCH_CUDA_ALLOC_CONF REQUEUE CPUS_PER_TASK "
+    "SHUTDOWN_TIMEOUT TORCHRUN_SIGNAL_FLAGS PYTHON RANK WORLD_SIZE LOCAL_RANK"
 ).split()
 
 
@@ -102,13 +108,27 @@ def test_bash_syntax():
     assert "tools/memory_plan.py" in text
     for line in (
         "--gpus-per-node=8",
-        "--ntasks-per-node=1",
+        "--ntasks-per-node=8",  # one task per GPU: SLURM's signals reach the workers themselves
         "--exclusive",
         "--time=",
         "--output=",
         "--job-name=",
+        "--requeue",
+        "--open-mode=append",  # a requeued job keeps the same %j: append to its log
     ):
         assert f"#SBATCH {line}" in text
+
+
+def test_sbatch_asks_for_a_warning_signal_with_lead_time():
+    with open(SCRIPT) as f:
+        lines = [line.split() for line in f if line.startswith("#SBATCH --signal=")]
+    assert len(lines) == 1, lines
+    assert len(lines[0]) == 2, "sbatch takes no comment after a directive's value"
+    value = lines[0][1][len("--signal=") :]
+    # B: the batch shell gets it (it forwards it and requeues); USR1 (SIGTERM is KillWait-limited)
+    sig, _, lead = value.partition("@")
+    assert sig == "B:USR1", value
+    assert int(lead) >= 300, "too little time to finish a step and write a 7B checkpoint with optimizer state"
 
 
 def test_local_dry_run_carries_the_recipe():
@@ -117,6 +137,11 @@ def test_local_dry_run_carries_the_recipe():
     exports, argv = parse(res.stdout)
     assert argv[:2] == ["torchrun", "--standalone"]
     assert flag_value(argv, "--nproc-per-node") == "8"
+    # torchrun forwards SIGUSR1 too (not by default) and gives the workers time to save before SIGKILL
+    launcher = argv[: next(k for k, a in enumerate(argv) if a.endswith("tools/train.py"))]
+    assert "SIGUSR1" in flag_value(launcher, "--signals-to-handle").split(",")
+    assert "SIGTERM" in flag_value(launcher, "--signals-to-handle").split(",")
+    assert int(flag_value(launcher, "--shutdown-timeout")) >= 600
     args = train_args(argv)
     for flag, value in RECIPE.items():
         if value is None:
@@ -136,26 +161,57 @@ def test_local_dry_run_carries_the_recipe():
     assert "NCCL_IB_TIMEOUT" in exports and "OMP_NUM_THREADS" in exports
 
 
-def test_slurm_dry_run_uses_srun_and_rendezvous(fake_bin):
-    env = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]"}
+def slurm_launch(argv: list[str]):
+    """(srun options, per-task command before train.py) of the SLURM launch line."""
+    assert argv[0] == "srun"
+    b = argv.index("bash")
+    t = next(k for k, a in enumerate(argv) if a.endswith("tools/train.py"))
+    return argv[:b], argv[b:t]
+
+
+def test_slurm_dry_run_runs_one_task_per_gpu(fake_bin):
+    env = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_CPUS_ON_NODE": "96"}
     res = run(env, path_prefix=fake_bin)
     assert res.returncode == 0, res.stderr
     exports, argv = parse(res.stdout)
-    assert argv[0] == "srun"
-    t = argv.index("torchrun")
-    srun, torchrun = argv[:t], argv[t:]
+    srun, task = slurm_launch(argv)
+    # no torchrun between srun and the workers: it would die of SIGUSR1 / SIGKILL them after 30 s
+    assert "torchrun" not in argv
     assert flag_value(srun, "--nodes") == "2"
-    assert flag_value(torchrun, "--nnodes") == "2"
-    assert flag_value(torchrun, "--nproc-per-node") == "8"
-    assert flag_value(torchrun, "--rdzv-backend") == "c10d"
-    assert flag_value(torchrun, "--rdzv-endpoint") == "node-a:29500"
-    assert flag_value(torchrun, "--rdzv-id") == "4242"
-    assert "--standalone" not in torchrun
-    assert exports["MASTER_ADDR"] == "node-a"
+    assert flag_value(srun, "--ntasks") == "16"  # explicit: sbatch's SLURM_NTASKS would override it
+    assert flag_value(srun, "--ntasks-per-node") == "8"
+    assert flag_value(srun, "--cpus-per-task") == "12"
+    assert "--kill-on-bad-exit=1" in srun
+    assert task[:2] == ["bash", "-c"] and task[-1] == "-u"
+    wrapper = task[2]
+    for var, slurm in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID")):
+        assert f"{var}=${slurm}" in wrapper
+    assert 'exec "$@"' in wrapper  # the worker replaces the shell: it is the task SLURM signals
+    assert exports["MASTER_ADDR"] == "node-a" and exports["MASTER_PORT"] == "29500"
     assert exports["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert "pre-emption: SIGUSR1" in res.stdout
     args = train_args(argv)
     for flag, value in RECIPE.items():
         assert flag in args and (value is None or flag_value(args, flag) == value), flag
+
+
+def test_slurm_task_wrapper_gives_the_torchrun_environment(fake_bin):
+    res = run({"SLURM_JOB_ID": "1", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node-a"}, path_prefix=fake_bin)
+    _, task = slurm_launch(parse(res.stdout)[1])
+    code = "import os; print(*(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')))"
+    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    env.update(SLURM_PROCID="11", SLURM_NTASKS="16", SLURM_LOCALID="3")
+    out = subprocess.run([*task[:-2], sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["11", "16", "3"]
+
+
+def test_local_dry_run_without_torchrun_signal_flags():
+    res = run({"TORCHRUN_SIGNAL_FLAGS": "0"})
+    assert res.returncode == 0, res.stderr
+    argv = parse(res.stdout)[1]
+    assert "--signals-to-handle" not in argv and "--shutdown-timeout" not in argv
+    assert run({"REQUEUE": "yes"}).returncode != 0
 
 
 def test_slurm_without_scontrol_needs_master_addr():
@@ -167,8 +223,8 @@ def test_slurm_without_scontrol_needs_master_addr():
     assert "MASTER_ADDR" in res.stderr
     res = run({**env, "MASTER_ADDR": "head-node", "MASTER_PORT": "6000"})
     assert res.returncode == 0, res.stderr
-    _, argv = parse(res.stdout)
-    assert flag_value(argv, "--rdzv-endpoint") == "head-node:6000"
+    exports, _ = parse(res.stdout)
+    assert exports["MASTER_ADDR"] == "head-node" and exports["MASTER_PORT"] == "6000"
 
 
 @pytest.mark.parametrize(
@@ -232,3 +288,126 @@ def test_without_dry_run_missing_inputs_fail_before_launch(tmp_path):
     res = run({"PRETRAINED": str(tmp_path / "none"), "REPO_DIR": ROOT}, dry_run=False)
     assert res.returncode != 0
     assert "does not exist" in res.stderr or "train.py not found" in res.stderr
+
+
+# --------------------------------------------------------------------------------------------- pre-emption path
+FAKE_SRUN = """#!{python}
+# srun stand-in: --ntasks copies of the command with SLURM_PROCID/LOCALID/NTASKS; forwards USR1/TERM like srun.
+import os, signal, subprocess, sys
+argv, opts = sys.argv[1:], {{}}
+while argv[0].startswith("--"):
+    if "=" in argv[0]:
+        argv = argv[1:]
+    else:
+        opts[argv[0]], argv = argv[1], argv[2:]
+n, per = int(opts["--ntasks"]), int(opts["--ntasks-per-node"])
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write("srun " + " ".join(sys.argv[1:]) + "\\n")
+procs = [
+    subprocess.Popen(argv, env={{**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i % per),
+                                 "SLURM_NTASKS": str(n)}})
+    for i in range(n)
+]
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda s, _f: [p.send_signal(s) for p in procs if p.poll() is None])
+sys.exit(max(abs(p.wait()) for p in procs))
+"""
+
+FAKE_SCONTROL = """#!/bin/sh
+if [ "$1 $2" = "show hostnames" ]; then echo node-a; exit 0; fi
+echo "scontrol $*" >> "$FAKE_LOG"
+"""
+
+# tools/train.py stand-in: records its rank environment, waits for a signal, "saves" and exits
+FAKE_TRAIN = """import os, signal, sys, time
+save = sys.argv[sys.argv.index("--save") + 1]
+rank = os.environ["RANK"]
+got = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda s, _f: got.append(signal.Signals(s).name))
+env = " ".join(os.environ.get(k, "-") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+with open(os.path.join(save, "ready_" + rank), "w") as f:
+    f.write(env)
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+if not got or os.environ.get("FAKE_FAIL_RANK") == rank:
+    sys.exit(3)
+with open(os.path.join(save, "saved_" + rank), "w") as f:
+    f.write(got[0])
+"""
+
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    """(env, repo, save dir, log) for running the script for real on fake srun/scontrol and a fake train.py."""
+    bin_dir, repo = tmp_path / "bin", tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN.format(python=sys.executable)), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (repo / "tools" / "train.py").write_text(FAKE_TRAIN)
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "data.idx").write_text("")
+    save, log = tmp_path / "save", tmp_path / "fake.log"
+    env = {
+        "SLURM_JOB_ID": "777",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "node-a",
+        "REPO_DIR": str(repo),
+        "PRETRAINED": str(tmp_path / "pretrained"),
+        "DATA_PATH": str(tmp_path / "data"),
+        "SAVE_DIR": str(save),
+        "GPUS_PER_NODE": "2",
+        "GLOBAL_BATCH": "2",
+        "PYTHON": sys.executable,
+        "FAKE_LOG": str(log),
+    }
+    return env, save, log, bin_dir
+
+
+def launch_and_signal(env: dict, save, bin_dir, sig) -> tuple[int, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in SCRIPT_VARS}
+    base["PATH"] = os.pathsep.join([str(bin_dir), "/usr/bin", "/bin", base.get("PATH", "")])
+    proc = subprocess.Popen(
+        ["bash", SCRIPT], env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 30
+    while len(list(save.glob("ready_*"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(sig)  # what SLURM does with --signal=B:USR1@600: the batch shell only
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out
+
+
+def test_sigusr1_reaches_every_worker_which_saves_then_the_job_is_requeued(fake_cluster):
+    env, save, log, bin_dir = fake_cluster
+    rc, out = launch_and_signal(env, save, bin_dir, signal.SIGUSR1)
+    assert rc == 0, out
+    for rank in ("0", "1"):
+        assert (save / f"ready_{rank}").read_text() == f"{rank} 2 {rank} node-a 29500", out
+        assert (save / f"saved_{rank}").read_text() == "SIGUSR1", out
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("srun ") and "--ntasks 2" in calls[0]
+    assert calls[1:] == ["scontrol requeue 777"], out
+
+
+def test_sigterm_saves_without_requeue_and_requeue_can_be_turned_off(fake_cluster):
+    env, save, log, bin_dir = fake_cluster
+    rc, out = launch_and_signal(env, save, bin_dir, signal.SIGTERM)
+    assert rc == 0, out
+    assert all((save / f"saved_{r}").read_text() == "SIGTERM" for r in "01"), out
+    assert "requeue" not in log.read_text()
+    for f in save.iterdir():
+        f.unlink()
+    rc, out = launch_and_signal({**env, "REQUEUE": "0"}, save, bin_dir, signal.SIGUSR1)
+    assert rc == 0 and (save / "saved_1").is_file(), out
+    assert "requeue" not in log.read_text()
+
+
+def test_a_failed_step_is_not_requeued(fake_cluster):
+    env, save, log, bin_dir = fake_cluster
+    rc, out = launch_and_signal({**env, "FAKE_FAIL_RANK": "1"}, save, bin_dir, signal.SIGUSR1)
+    assert rc == 3, out
+    assert "requeue" not in log.read_text()

@@ -182,6 +182,54 @@ def test_sigterm_leaves_a_loadable_checkpoint(setup_files, tmp_path):
     assert convert_megatron_to_hf.main(["--ckpt", str(save), "--out", str(tmp_path / "export"), "--no-progress"]) == 0
 
 
+def test_sigusr1_under_the_slurm_launch_form_saves(setup_files, tmp_path):
+    """The launch form of examples/run_focusft_qwen7b.sh under SLURM (one plain process per task, the
+    torchrun-style environment derived from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID by its task wrapper):
+    SIGUSR1 to one of two workers stops both after the same iteration with one loadable checkpoint."""
+    import shlex
+
+    ckpt, data = setup_files
+    script_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    script_env.update(SLURM_JOB_ID="1", SLURM_NNODES="1", MASTER_ADDR="127.0.0.1", DRY_RUN="1")
+    script_env.update(GPUS_PER_NODE="2", GLOBAL_BATCH="2", TP="1")
+    dry = subprocess.run(
+        ["bash", str(ROOT / "examples" / "run_focusft_qwen7b.sh")], env=script_env, capture_output=True, text=True
+    )
+    assert dry.returncode == 0, dry.stderr
+    argv = shlex.split(next(line for line in dry.stdout.splitlines() if line.startswith("srun ")))
+    task = argv[argv.index("bash") : argv.index("-u") - 1]  # bash -c WRAPPER NAME  (then python -u train.py)
+    save = tmp_path / "ckpt"
+    train = _argv(ckpt, data, tmp_path, "--global-batch-size", "2", "--train-iters", "100000", "--save", str(save))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", SLURM_NTASKS="2")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(runtime._free_port()))
+    procs = [
+        subprocess.Popen(
+            [*task, sys.executable, "-u", str(ROOT / "tools" / "train.py"), *train],
+            env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    lines = []
+    deadline = time.time() + 120
+    for line in procs[0].stdout:  # rank 0 logs
+        lines.append(line)
+        if line.startswith("step 2/") or time.time() > deadline:
+            break
+    procs[1].send_signal(signal.SIGUSR1)  # the wrapper exec'd the worker: this pid is the Python process
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "".join(lines) + "\n".join(outs)
+    assert "stopped by a signal" in outs[0]
+    from megatron_focusft.convert.megatron_io import CheckpointMeta, resolve_checkpoint
+
+    found = resolve_checkpoint(save)
+    assert CheckpointMeta.read(found).iteration >= 2
+    assert sorted(p.name for p in (found / "rank_state").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+
+
 def _args(ckpt: Path, data: str, *extra: str):
     return build_parser().parse_args(
         ["--pretrained-checkpoint", str(ckpt), "--data-path", data, "--device", "cpu", "--train-iters", "1", *extra]

@@ -237,8 +237,8 @@ def _save(t: Trainer) -> None:
 
 def train(args: argparse.Namespace) -> int:
     """Run training to ``train_iters``; returns the process exit status."""
+    stop = _StopSignal()  # before the (long) set-up: a signal then costs one step, not the process
     t = setup(args)
-    stop = _StopSignal()
     peak = None
     if args.device == "cuda":
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
