@@ -95,6 +95,17 @@ def test_skip_bad_records_and_report(tmp_path, capsys):
     assert stats["packing_efficiency"] == pytest.approx(stats["tokens"] / (256 * stats["packs"]))
 
 
+def test_dataset_metadata_stats_equal_stats_json(tmp_path):
+    """OUT.json's stats are the final ones (timing included), the same as --stats-json's."""
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    rc, out, stats = run(tmp_path)
+    assert rc == 0
+    meta_stats = json.loads((tmp_path / "out" / "ds.json").read_text())["stats"]
+    assert meta_stats == stats
+    assert meta_stats["seconds"] > 0 and meta_stats["tokens_per_second"] > 0
+    assert meta_stats["tokens_per_second"] == pytest.approx(meta_stats["tokens"] / meta_stats["seconds"])
+
+
 def test_fail_mode_exits_non_zero_and_leaves_nothing(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", GOOD, BAD_LINES[1:])
     rc, out, stats = run(tmp_path, "--on-error", "fail")
