@@ -114,6 +114,68 @@ def test_fail_mode_exits_non_zero_and_leaves_nothing(tmp_path, capsys):
     assert os.listdir(out.parent) == []  # no .bin/.idx, no temporary folders
 
 
+@pytest.mark.parametrize("kind", ["missing", "folder", "suffix", "fake_parquet", "fake_gzip"])
+def test_bad_input_files_are_refused_up_front(tmp_path, capsys, kind):
+    """Every input is checked before anything is read or written: exit 2, one line naming the file."""
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    bad = {
+        "missing": tmp_path / "no-such-file.jsonl",
+        "folder": tmp_path / "a-folder.jsonl",
+        "suffix": tmp_path / "data.csv",
+        "fake_parquet": tmp_path / "fake.parquet",
+        "fake_gzip": tmp_path / "fake.jsonl.gz",
+    }[kind]
+    if kind == "folder":
+        bad.mkdir()
+    elif kind != "missing":
+        bad.write_text(json.dumps(GOOD[0]) + "\n")
+    rc, out, stats = run(tmp_path, inputs=[str(tmp_path / "in.jsonl"), str(bad)])  # the bad one second
+    assert rc == 2 and stats is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], err
+    assert not out.parent.exists()
+
+
+def test_out_must_be_a_prefix_not_a_folder(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--tokenizer", QWEN2_DIR, "--pack-length", "64"]
+    with pytest.raises(SystemExit) as e:
+        load_tool().main([*argv, "--out", str(tmp_path / "o") + os.sep])
+    assert e.value.code == 2 and "--out is a prefix" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_checks_every_input_before_counting(tmp_path):
+    from megatron_focusft.data.errors import DataError
+    from megatron_focusft.data.preprocess import PreprocessConfig, preprocess
+    from megatron_focusft.data.reading import count_records
+
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    missing = str(tmp_path / "gone.jsonl")
+    with pytest.raises(DataError, match="gone.jsonl: input file does not exist") as e:
+        count_records([str(tmp_path / "in.jsonl"), missing])
+    assert e.value.reason == "bad_file"
+    cfg = PreprocessConfig([str(tmp_path / "in.jsonl"), missing], QWEN2_DIR, str(tmp_path / "o" / "ds"), 256)
+    with pytest.raises(DataError, match="gone.jsonl"):
+        preprocess(cfg, log=lambda *a: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_run_keeps_the_existing_dataset(tmp_path, capsys):
+    """A run that fails (bad input, bad record under fail) leaves the dataset already at the prefix intact."""
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    rc, out, _ = run(tmp_path)
+    assert rc == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    rc, _, _ = run(tmp_path, inputs=[str(tmp_path / "in.jsonl"), str(tmp_path / "missing.jsonl")])
+    assert rc == 2
+    write_jsonl(tmp_path / "in.jsonl", GOOD[:3], BAD_LINES[:1])
+    rc, _, _ = run(tmp_path, "--on-error", "fail")
+    assert rc == 1
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before  # same files, same bytes
+    assert PackedDataset(str(out)).meta["num_documents"] == len(GOOD)
+
+
 def test_missing_tokenizer_and_overlong_policies(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", GOOD)
     argv = [

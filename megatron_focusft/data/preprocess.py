@@ -22,7 +22,7 @@ from .chat import ChatEncoder, Document
 from .dataset import DocumentStore, _DocumentReader, write_packs
 from .errors import DataError
 from .packing import best_fit_decreasing, packing_efficiency
-from .reading import FieldNames, RawRecord, count_records, iter_records, parse_record
+from .reading import FieldNames, RawRecord, check_inputs, count_records, iter_records, parse_record
 from .tokenizer import load_tokenizer
 
 MAX_REPORTED_ERRORS = 20
@@ -132,6 +132,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     if cfg.on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be skip or fail, got {cfg.on_error!r}")
     t0 = time.perf_counter()
+    check_inputs(cfg.inputs)  # every input, before anything is loaded, read or written
     encoder = _make_encoder(cfg)  # fails early on a bad tokenizer folder / options
     total = count_records(cfg.inputs)
     stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)

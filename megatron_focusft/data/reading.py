@@ -85,11 +85,43 @@ def iter_parquet(path: str, batch_size: int = 256) -> Iterator[RawRecord]:
             row += 1
 
 
+_MAGIC = {"parquet": b"PAR1", "gzip": b"\x1f\x8b"}
+
+
+def check_input(path: str) -> None:
+    """Raise ``DataError(reason="bad_file")`` naming ``path`` unless it is a readable input file.
+
+    Checks, without reading the file through: it exists, is a regular file, has a known suffix, can be opened,
+    and a Parquet / gzip file starts with its magic bytes.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{path}: input file does not exist", reason="bad_file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: input is not a regular file", reason="bad_file")
+    fmt = input_format(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the input file ({e.strerror or e})", reason="bad_file") from None
+    magic = _MAGIC["parquet"] if fmt == "parquet" else _MAGIC["gzip"] if path.endswith(".gz") else None
+    if magic is not None and not head.startswith(magic):
+        kind = "Parquet" if fmt == "parquet" else "gzip"
+        raise DataError(f"{path}: not a {kind} file (wrong magic bytes)", reason="bad_file")
+
+
+def check_inputs(paths: list[str]) -> None:
+    """:func:`check_input` on every path, before anything is read or written."""
+    if not paths:
+        raise DataError("no input file given", reason="bad_file")
+    for path in paths:
+        check_input(path)
+
+
 def iter_records(paths: list[str]) -> Iterator[RawRecord]:
     """All records of all files, in order."""
     for path in paths:
-        if not os.path.exists(path):
-            raise DataError(f"{path}: input file does not exist", reason="bad_file")
+        check_input(path)
         if input_format(path) == "parquet":
             yield from iter_parquet(path)
         else:
@@ -97,22 +129,33 @@ def iter_records(paths: list[str]) -> Iterator[RawRecord]:
 
 
 def count_records(paths: list[str]) -> int:
-    """Number of records (non-empty lines / rows), cheaply, for a progress bar's total."""
+    """Number of records (non-empty lines / rows), cheaply, for a progress bar's total.
+
+    Every path is checked (:func:`check_inputs`) before any is counted; a file that cannot be read through
+    (e.g. a truncated gzip or Parquet file) is a ``DataError(reason="bad_file")`` naming it.
+    """
+    check_inputs(paths)
     total = 0
     for path in paths:
-        if input_format(path) == "parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(path).metadata.num_rows
-        else:
-            opener = open
-            if path.endswith(".gz"):
-                import gzip
-
-                opener = gzip.open
-            with opener(path, "rb") as f:
-                total += sum(1 for line in f if line.strip())
+        try:
+            total += _count_file(path)
+        except (OSError, EOFError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: cannot read the input file ({e})", reason="bad_file") from None
     return total
+
+
+def _count_file(path: str) -> int:
+    if input_format(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    opener = open
+    if path.endswith(".gz"):
+        import gzip
+
+        opener = gzip.open
+    with opener(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def parse_record(rec: RawRecord) -> dict:
