@@ -106,6 +106,24 @@ def test_dataset_metadata_stats_equal_stats_json(tmp_path):
     assert meta_stats["tokens_per_second"] == pytest.approx(meta_stats["tokens"] / meta_stats["seconds"])
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_invalid_utf8_line_is_skipped_and_counted(tmp_path, capsys, workers):
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    with open(tmp_path / "in.jsonl", "ab") as f:
+        f.write(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+        f.write((json.dumps(GOOD[0]) + "\n").encode())
+    rc, out, stats = run(tmp_path, "--workers", workers)
+    assert rc == 0
+    assert stats["conversations_read"] == 14 and stats["conversations_emitted"] == 13
+    assert stats["skipped"] == {"bad_encoding": 1}
+    assert stats["errors"] == ["in.jsonl:13: invalid UTF-8 (byte 0xe9 at column 47: invalid continuation byte)"]
+    assert "skipped: in.jsonl:13: invalid UTF-8" in capsys.readouterr().err
+    assert PackedDataset(str(out)).meta["num_documents"] == 13
+    rc, _, _ = run(tmp_path, "--on-error", "fail")
+    assert rc == 1
+    assert "error: in.jsonl:13: invalid UTF-8 (byte 0xe9" in capsys.readouterr().err
+
+
 def test_fail_mode_exits_non_zero_and_leaves_nothing(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", GOOD, BAD_LINES[1:])
     rc, out, stats = run(tmp_path, "--on-error", "fail")

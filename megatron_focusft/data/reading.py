@@ -40,7 +40,7 @@ class RawRecord:
     """One conversation as read: a JSON text line (JSONL) or a dict (Parquet row), and where it came from."""
 
     location: str  # "file:line" (JSONL, 1-based line) or "file:row N" (Parquet, 0-based row)
-    raw: str | dict
+    raw: bytes | str | dict  # a JSONL line (bytes as read, not yet decoded; or text) or a Parquet row
 
 
 def input_format(path: str) -> str:
@@ -62,16 +62,26 @@ def _strip_none(value):
 
 
 def iter_jsonl(path: str) -> Iterator[RawRecord]:
+    """The non-empty lines of a JSONL file, as bytes: decoding (and an invalid UTF-8 line's error) happens in
+    :func:`parse_record`, per record, so that one bad line is one skippable record.  Lines end at ``\n``
+    only, the way :func:`count_records` counts them; a UTF-8 byte-order mark at the start is dropped.
+    """
     opener = open
     if path.endswith(".gz"):
         import gzip
 
         opener = gzip.open
     name = os.path.basename(path)
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield RawRecord(f"{name}:{lineno}", line)
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                if line.strip():
+                    yield RawRecord(f"{name}:{lineno}", line)
+    except (OSError, EOFError) as e:  # unreadable, or a truncated / corrupt gzip stream
+        raise DataError(f"cannot read past line {lineno} ({e})", "bad_file", f"{name}:{lineno + 1}") from None
 
 
 def iter_parquet(path: str, batch_size: int = 256) -> Iterator[RawRecord]:
@@ -159,11 +169,22 @@ def _count_file(path: str) -> int:
 
 
 def parse_record(rec: RawRecord) -> dict:
-    """The record as a dict; JSON syntax errors become ``DataError("file:line: malformed JSON ...")``."""
+    """The record as a dict; JSON syntax errors become ``DataError("file:line: malformed JSON ...")`` and a
+    line that is not valid UTF-8 ``DataError("file:line: invalid UTF-8 ...", reason="bad_encoding")``."""
     if isinstance(rec.raw, dict):
         return rec.raw
+    text = rec.raw
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"invalid UTF-8 (byte 0x{text[e.start]:02x} at column {e.start + 1}: {e.reason})",
+                "bad_encoding",
+                rec.location,
+            ) from None
     try:
-        obj = json.loads(rec.raw)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json", rec.location) from None
     if not isinstance(obj, dict):
