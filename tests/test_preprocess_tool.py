@@ -124,6 +124,32 @@ def test_invalid_utf8_line_is_skipped_and_counted(tmp_path, capsys, workers):
     assert "error: in.jsonl:13: invalid UTF-8 (byte 0xe9" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_wrong_field_types_and_unexpected_errors_are_located(tmp_path, capsys, workers):
+    """A list role, a dict content, a JSON nesting that overflows the parser: skipped under skip (counted),
+    named by location under fail; never a TypeError that aborts the run."""
+    bad = [
+        json.dumps({"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]}),
+        json.dumps({"messages": [{"role": "user", "content": {"text": "q"}}, {"role": "assistant", "content": "a"}]}),
+        '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ]
+    write_jsonl(tmp_path / "in.jsonl", GOOD, bad)
+    rc, out, stats = run(tmp_path, "--workers", workers)
+    assert rc == 0
+    assert stats["conversations_read"] == 15 and stats["conversations_emitted"] == 12
+    assert stats["skipped"] == {"bad_record": 2, "unexpected": 1}
+    assert stats["errors"][0].startswith("in.jsonl:13: message 0: field 'role' must be a string")
+    assert stats["errors"][1].startswith("in.jsonl:14: message 0: field 'content': content must be a string")
+    assert stats["errors"][2].startswith("in.jsonl:15: unexpected RecursionError while encoding")
+    assert PackedDataset(str(out)).meta["num_documents"] == 12
+    capsys.readouterr()
+    for k, line in enumerate(bad if workers == "1" else bad[:1]):  # (a pool per run is slow)
+        write_jsonl(tmp_path / "in.jsonl", GOOD[:2], [line])
+        rc, _, _ = run(tmp_path, "--on-error", "fail", "--workers", workers)
+        assert rc == 1
+        assert f"error: in.jsonl:3: {stats['errors'][k].split(': ', 1)[1]}" in capsys.readouterr().err
+
+
 def test_fail_mode_exits_non_zero_and_leaves_nothing(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", GOOD, BAD_LINES[1:])
     rc, out, stats = run(tmp_path, "--on-error", "fail")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .chat import ChatEncoder, Document
+from .chat import ChatEncoder, Document, unexpected_error
 from .dataset import DocumentStore, _DocumentReader, write_packs
 from .errors import DataError
 from .packing import best_fit_decreasing, packing_efficiency
@@ -112,6 +112,10 @@ def encode_records(records: list[RawRecord], encoder: ChatEncoder | None = None)
             out.append((rec.location, enc.encode(parse_record(rec), rec.location)))
         except DataError as e:
             out.append((rec.location, e.at(rec.location)))
+        except MemoryError:
+            raise
+        except Exception as e:  # e.g. a RecursionError from json.loads on absurdly nested input
+            out.append((rec.location, unexpected_error(e, rec.location)))
     return out
 
 
