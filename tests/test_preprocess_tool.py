@@ -273,3 +273,35 @@ def test_parquet_input_and_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "conversations read     5" in proc.stdout and "100%" in proc.stderr  # tqdm progress bar
     assert PackedDataset(str(out)).meta["num_documents"] == 5
+
+
+def test_cli_error_starts_its_own_line_after_the_progress_bar(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", GOOD, BAD_LINES[1:2])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "preprocess_data.py"),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--tokenizer",
+            QWEN2_DIR,
+            "--added-tokens",
+            "qwen2.5",
+            "--out",
+            str(tmp_path / "o" / "ds"),
+            "--pack-length",
+            "256",
+            "--on-error",
+            "fail",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert "conv/s" in proc.stderr  # the bar was shown, and closed before the error
+    assert any(line.startswith("error: in.jsonl:13: message 0: unknown role 'robot'") for line in lines), lines
+    assert lines[-1] == "nothing was written"
+    assert os.listdir(tmp_path / "o") == []

@@ -145,6 +145,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     os.makedirs(out_dir, exist_ok=True)
     stage_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(cfg.out)}.stage-", dir=out_dir)
     pool = None
+    bar = None
     try:
         from tqdm import tqdm
 
@@ -176,6 +177,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{stats.tokens / max(1e-9, time.perf_counter() - t0):,.0f}", refresh=False)
         bar.close()
+        bar = None
         stage.finalize()
         if pool is not None:
             pool.close()
@@ -207,6 +209,8 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
         return stats
     finally:
+        if bar is not None:  # on an error: end the bar's line, so the error message starts on its own
+            bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
