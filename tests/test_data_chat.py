@@ -296,6 +296,22 @@ def test_overlong_drop_truncate_error(tok):
         ),
         ([{"role": "user", "content": "only a question"}], "no_response", "no assistant turn"),
         ([{"role": "user", "content": 3}], "bad_record", "content must be a string"),
+        # field types: each names the message and the field, never a TypeError from deep inside
+        ([{"role": ["user"], "content": "q"}], "bad_record", "message 0: field 'role' must be a string"),
+        ([{"role": {"r": 1}, "content": "q"}], "bad_record", "message 0: field 'role' must be a string"),
+        ([{"role": 7, "content": "q"}], "bad_record", "message 0: field 'role' must be a string"),
+        ([{"content": "q"}], "unknown_role", "message 0: unknown role None"),
+        ([{"role": "user", "content": {"text": "q"}}], "bad_record", "message 0: field 'content': content must be"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": ["q"]}]}],
+            "bad_record",
+            "message 0: field 'content' part 0: unsupported content part",
+        ),
+        (
+            [{"role": "user", "content": ["a", {"type": "image_url", "image_url": "x"}]}],
+            "bad_record",
+            "message 0: field 'content' part 1: unsupported content part",
+        ),
     ],
 )
 def test_bad_conversations_give_clear_errors(encoder, messages, reason, message):
@@ -303,6 +319,22 @@ def test_bad_conversations_give_clear_errors(encoder, messages, reason, message)
         encoder.encode({"messages": messages}, "data.jsonl:17")
     assert e.value.reason == reason
     assert str(e.value).startswith("data.jsonl:17: ") and message in str(e.value)
+
+
+def test_renamed_fields_are_named_in_type_errors(tok):
+    enc = ChatEncoder(tok, renderer="qwen2.5", fields=FieldNames(role="from", content="value"))
+    with pytest.raises(DataError, match=r"^x:3: message 1: field 'from' must be a string"):
+        enc.encode({"messages": [{"from": "user", "value": "q"}, {"from": ["gpt"], "value": "a"}]}, "x:3")
+    with pytest.raises(DataError, match=r"^x:3: message 0: field 'value': content must be a string"):
+        enc.encode({"messages": [{"from": "user", "value": 1.5}]}, "x:3")
+
+
+def test_unexpected_exception_becomes_a_located_data_error(encoder):
+    # a value JSON cannot write (as a Parquet row can hold): json.dumps raises TypeError inside the renderer
+    rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": [b"\x00"]}
+    with pytest.raises(DataError, match=r"^data.parquet:row 4: unexpected TypeError while encoding: .*bytes") as e:
+        encoder.encode(rec, "data.parquet:row 4")
+    assert e.value.reason == "unexpected" and isinstance(e.value.__cause__, TypeError)
 
 
 def test_builtin_renderer_needs_chatml_special_tokens(tmp_path):

@@ -95,12 +95,129 @@ def test_skip_bad_records_and_report(tmp_path, capsys):
     assert stats["packing_efficiency"] == pytest.approx(stats["tokens"] / (256 * stats["packs"]))
 
 
+def test_dataset_metadata_stats_equal_stats_json(tmp_path):
+    """OUT.json's stats are the final ones (timing included), the same as --stats-json's."""
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    rc, out, stats = run(tmp_path)
+    assert rc == 0
+    meta_stats = json.loads((tmp_path / "out" / "ds.json").read_text())["stats"]
+    assert meta_stats == stats
+    assert meta_stats["seconds"] > 0 and meta_stats["tokens_per_second"] > 0
+    assert meta_stats["tokens_per_second"] == pytest.approx(meta_stats["tokens"] / meta_stats["seconds"])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_invalid_utf8_line_is_skipped_and_counted(tmp_path, capsys, workers):
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    with open(tmp_path / "in.jsonl", "ab") as f:
+        f.write(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+        f.write((json.dumps(GOOD[0]) + "\n").encode())
+    rc, out, stats = run(tmp_path, "--workers", workers)
+    assert rc == 0
+    assert stats["conversations_read"] == 14 and stats["conversations_emitted"] == 13
+    assert stats["skipped"] == {"bad_encoding": 1}
+    assert stats["errors"] == ["in.jsonl:13: invalid UTF-8 (byte 0xe9 at column 47: invalid continuation byte)"]
+    assert "skipped: in.jsonl:13: invalid UTF-8" in capsys.readouterr().err
+    assert PackedDataset(str(out)).meta["num_documents"] == 13
+    rc, _, _ = run(tmp_path, "--on-error", "fail")
+    assert rc == 1
+    assert "error: in.jsonl:13: invalid UTF-8 (byte 0xe9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_wrong_field_types_and_unexpected_errors_are_located(tmp_path, capsys, workers):
+    """A list role, a dict content, a JSON nesting that overflows the parser: skipped under skip (counted),
+    named by location under fail; never a TypeError that aborts the run."""
+    bad = [
+        json.dumps({"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]}),
+        json.dumps({"messages": [{"role": "user", "content": {"text": "q"}}, {"role": "assistant", "content": "a"}]}),
+        '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ]
+    write_jsonl(tmp_path / "in.jsonl", GOOD, bad)
+    rc, out, stats = run(tmp_path, "--workers", workers)
+    assert rc == 0
+    assert stats["conversations_read"] == 15 and stats["conversations_emitted"] == 12
+    assert stats["skipped"] == {"bad_record": 2, "unexpected": 1}
+    assert stats["errors"][0].startswith("in.jsonl:13: message 0: field 'role' must be a string")
+    assert stats["errors"][1].startswith("in.jsonl:14: message 0: field 'content': content must be a string")
+    assert stats["errors"][2].startswith("in.jsonl:15: unexpected RecursionError while encoding")
+    assert PackedDataset(str(out)).meta["num_documents"] == 12
+    capsys.readouterr()
+    for k, line in enumerate(bad if workers == "1" else bad[:1]):  # (a pool per run is slow)
+        write_jsonl(tmp_path / "in.jsonl", GOOD[:2], [line])
+        rc, _, _ = run(tmp_path, "--on-error", "fail", "--workers", workers)
+        assert rc == 1
+        assert f"error: in.jsonl:3: {stats['errors'][k].split(': ', 1)[1]}" in capsys.readouterr().err
+
+
 def test_fail_mode_exits_non_zero_and_leaves_nothing(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", GOOD, BAD_LINES[1:])
     rc, out, stats = run(tmp_path, "--on-error", "fail")
     assert rc == 1 and stats is None
     assert "in.jsonl:13: message 0: unknown role 'robot'" in capsys.readouterr().err
     assert os.listdir(out.parent) == []  # no .bin/.idx, no temporary folders
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "suffix", "fake_parquet", "fake_gzip"])
+def test_bad_input_files_are_refused_up_front(tmp_path, capsys, kind):
+    """Every input is checked before anything is read or written: exit 2, one line naming the file."""
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    bad = {
+        "missing": tmp_path / "no-such-file.jsonl",
+        "folder": tmp_path / "a-folder.jsonl",
+        "suffix": tmp_path / "data.csv",
+        "fake_parquet": tmp_path / "fake.parquet",
+        "fake_gzip": tmp_path / "fake.jsonl.gz",
+    }[kind]
+    if kind == "folder":
+        bad.mkdir()
+    elif kind != "missing":
+        bad.write_text(json.dumps(GOOD[0]) + "\n")
+    rc, out, stats = run(tmp_path, inputs=[str(tmp_path / "in.jsonl"), str(bad)])  # the bad one second
+    assert rc == 2 and stats is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], err
+    assert not out.parent.exists()
+
+
+def test_out_must_be_a_prefix_not_a_folder(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--tokenizer", QWEN2_DIR, "--pack-length", "64"]
+    with pytest.raises(SystemExit) as e:
+        load_tool().main([*argv, "--out", str(tmp_path / "o") + os.sep])
+    assert e.value.code == 2 and "--out is a prefix" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_checks_every_input_before_counting(tmp_path):
+    from megatron_focusft.data.errors import DataError
+    from megatron_focusft.data.preprocess import PreprocessConfig, preprocess
+    from megatron_focusft.data.reading import count_records
+
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    missing = str(tmp_path / "gone.jsonl")
+    with pytest.raises(DataError, match="gone.jsonl: input file does not exist") as e:
+        count_records([str(tmp_path / "in.jsonl"), missing])
+    assert e.value.reason == "bad_file"
+    cfg = PreprocessConfig([str(tmp_path / "in.jsonl"), missing], QWEN2_DIR, str(tmp_path / "o" / "ds"), 256)
+    with pytest.raises(DataError, match="gone.jsonl"):
+        preprocess(cfg, log=lambda *a: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_run_keeps_the_existing_dataset(tmp_path, capsys):
+    """A run that fails (bad input, bad record under fail) leaves the dataset already at the prefix intact."""
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    rc, out, _ = run(tmp_path)
+    assert rc == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    rc, _, _ = run(tmp_path, inputs=[str(tmp_path / "in.jsonl"), str(tmp_path / "missing.jsonl")])
+    assert rc == 2
+    write_jsonl(tmp_path / "in.jsonl", GOOD[:3], BAD_LINES[:1])
+    rc, _, _ = run(tmp_path, "--on-error", "fail")
+    assert rc == 1
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before  # same files, same bytes
+    assert PackedDataset(str(out)).meta["num_documents"] == len(GOOD)
 
 
 def test_missing_tokenizer_and_overlong_policies(tmp_path, capsys):
@@ -156,3 +273,35 @@ def test_parquet_input_and_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "conversations read     5" in proc.stdout and "100%" in proc.stderr  # tqdm progress bar
     assert PackedDataset(str(out)).meta["num_documents"] == 5
+
+
+def test_cli_error_starts_its_own_line_after_the_progress_bar(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", GOOD, BAD_LINES[1:2])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "preprocess_data.py"),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--tokenizer",
+            QWEN2_DIR,
+            "--added-tokens",
+            "qwen2.5",
+            "--out",
+            str(tmp_path / "o" / "ds"),
+            "--pack-length",
+            "256",
+            "--on-error",
+            "fail",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert "conv/s" in proc.stderr  # the bar was shown, and closed before the error
+    assert any(line.startswith("error: in.jsonl:13: message 0: unknown role 'robot'") for line in lines), lines
+    assert lines[-1] == "nothing was written"
+    assert os.listdir(tmp_path / "o") == []

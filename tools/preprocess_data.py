@@ -5,17 +5,21 @@
         --pack-length 32768 --workers 8 --stats-json stats.json
 
 Writes ``OUT.bin/.idx`` (tokens), ``OUT.loss_mask.*``, ``OUT.block_ids.*`` and ``OUT.json`` (metadata).
-Exit status: 0 on success, 1 on a data error under ``--on-error fail`` (nothing is written), 2 on bad usage.
+Exit status: 0 on success; 1 on a data error under ``--on-error fail`` or a bad tokenizer folder; 2 on bad
+usage, including an input file that is missing, unreadable or of an unknown format (every input is checked
+before anything is read or written).  On any error nothing is written and an existing dataset at the output
+prefix is left as it was (the files are written under a temporary name and renamed at the end).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_focusft.data.errors import DataError
 from megatron_focusft.data.preprocess import PreprocessConfig, format_summary, preprocess, write_stats_json
-from megatron_focusft.data.reading import FieldNames
+from megatron_focusft.data.reading import FieldNames, check_inputs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.pack_length < 1 or args.workers < 1:
         p.error("--pack-length and --workers must be positive")
+    if not os.path.basename(args.out):
+        p.error(f"--out is a prefix (e.g. data/train), not a folder: {args.out!r}")
     try:
         args.role_map = dict(kv.split("=", 1) for kv in args.role_map.split(",") if kv)
     except ValueError:
@@ -65,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_inputs(args.input)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg = PreprocessConfig(
         inputs=args.input,
         tokenizer=args.tokenizer,

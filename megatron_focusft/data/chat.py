@@ -82,22 +82,31 @@ class Document:
 
 
 # --------------------------------------------------------------------------------------------- messages
-def _text_content(content, where: str) -> str:
+def _text_content(content, where: str, name: str = "content") -> str:
+    """A message's content as text: a string, null, or a list of OpenAI text parts (strings or
+    ``{"type": "text", "text": str}``); anything else is a ``DataError`` naming the field ``name``."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI content parts: only text parts are supported
         parts = []
-        for part in content:
+        for k, part in enumerate(content):
             if isinstance(part, str):
                 parts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and "text" in part:
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
             else:
-                raise DataError(f"{where}: unsupported content part {str(part)[:60]!r}", "bad_record")
+                raise DataError(
+                    f"{where}: field {name!r} part {k}: unsupported content part {str(part)[:60]!r} "
+                    '(expected a string or {"type": "text", "text": <string>})',
+                    "bad_record",
+                )
         return "".join(parts)
-    raise DataError(f"{where}: content must be a string, got {type(content).__name__}", "bad_record")
+    raise DataError(
+        f"{where}: field {name!r}: content must be a string or a list of text parts, got {type(content).__name__}",
+        "bad_record",
+    )
 
 
 def _tool_call(call, where: str) -> dict:
@@ -150,13 +159,19 @@ def normalize_conversation(record: dict, fields: FieldNames | None = None) -> tu
         if not isinstance(msg, dict):
             raise DataError(f"{where}: a message must be an object", "bad_record")
         role = msg.get(fields.role)
+        if role is not None and not isinstance(role, str):  # (a missing role is an unknown role, below)
+            raise DataError(
+                f"{where}: field {fields.role!r} must be a string (one of {', '.join(ROLES)}), "
+                f"got {type(role).__name__} {str(role)[:40]}",
+                "bad_record",
+            )
         role = fields.role_map.get(role, role)
         if role not in ROLES:
             raise DataError(
                 f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
                 "unknown_role",
             )
-        content = _text_content(msg.get(fields.content), where)
+        content = _text_content(msg.get(fields.content), where, fields.content)
         norm = {"role": role, "content": content}
         if role == "assistant":
             calls = msg.get(fields.tool_calls) or []
@@ -356,6 +371,11 @@ def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
     return TemplateRenderer(tokenizer.chat_template)
 
 
+def unexpected_error(e: BaseException, location: str | None = None) -> DataError:
+    """An unexpected exception from one record, as a ``DataError(reason="unexpected")`` at ``location``."""
+    return DataError(f"unexpected {type(e).__name__} while encoding: {str(e)[:200]}", "unexpected", location)
+
+
 class ChatEncoder:
     """Record (dict) -> :class:`Document`, raising :class:`DataError` with the record's location.
 
@@ -396,10 +416,17 @@ class ChatEncoder:
         return self.renderer.render(messages, tools)
 
     def encode(self, record: dict, location: str = "") -> Document:
+        """The record's :class:`Document`; every failure is a :class:`DataError` at ``location``: an
+        unexpected exception while encoding this one record too (reason ``unexpected``), so that it can be
+        skipped like any bad record and an error names where it happened."""
         try:
             return self._encode(record, location)
         except DataError as e:
             raise e.at(location) from None
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise unexpected_error(e, location) from e
 
     def _encode(self, record: dict, location: str) -> Document:
         segs = self.render(record)

@@ -8,7 +8,8 @@ class DataError(ValueError):
 
     ``str(err)`` reads ``data.jsonl:17: assistant turn with empty content and no tool_calls``.
     ``reason`` is a stable key (``malformed_json``, ``unknown_role``, ``empty_assistant``, ``orphan_tool``,
-    ``no_response``, ``too_long``, ``bad_record``, ``template``, ``tokenizer``) used to count skips.
+    ``no_response``, ``too_long``, ``bad_record``, ``bad_encoding``, ``template``, ``tokenizer``, ``bad_file``,
+    ``unexpected``) used to count skips.
     """
 
     def __init__(self, message: str, reason: str = "bad_record", location: str | None = None):

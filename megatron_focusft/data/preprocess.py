@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .chat import ChatEncoder, Document
+from .chat import ChatEncoder, Document, unexpected_error
 from .dataset import DocumentStore, _DocumentReader, write_packs
 from .errors import DataError
 from .packing import best_fit_decreasing, packing_efficiency
-from .reading import FieldNames, RawRecord, count_records, iter_records, parse_record
+from .reading import FieldNames, RawRecord, check_inputs, count_records, iter_records, parse_record
 from .tokenizer import load_tokenizer
 
 MAX_REPORTED_ERRORS = 20
@@ -58,7 +58,7 @@ class Stats:
     pack_length: int = 0
     packing_efficiency: float = 0.0
     response_fraction: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # reading, tokenizing and packing (not the final write of the packs)
     tokens_per_second: float = 0.0
     workers: int = 1
 
@@ -112,6 +112,10 @@ def encode_records(records: list[RawRecord], encoder: ChatEncoder | None = None)
             out.append((rec.location, enc.encode(parse_record(rec), rec.location)))
         except DataError as e:
             out.append((rec.location, e.at(rec.location)))
+        except MemoryError:
+            raise
+        except Exception as e:  # e.g. a RecursionError from json.loads on absurdly nested input
+            out.append((rec.location, unexpected_error(e, rec.location)))
     return out
 
 
@@ -132,6 +136,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     if cfg.on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be skip or fail, got {cfg.on_error!r}")
     t0 = time.perf_counter()
+    check_inputs(cfg.inputs)  # every input, before anything is loaded, read or written
     encoder = _make_encoder(cfg)  # fails early on a bad tokenizer folder / options
     total = count_records(cfg.inputs)
     stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)
@@ -140,6 +145,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     os.makedirs(out_dir, exist_ok=True)
     stage_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(cfg.out)}.stage-", dir=out_dir)
     pool = None
+    bar = None
     try:
         from tqdm import tqdm
 
@@ -171,6 +177,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{stats.tokens / max(1e-9, time.perf_counter() - t0):,.0f}", refresh=False)
         bar.close()
+        bar = None
         stage.finalize()
         if pool is not None:
             pool.close()
@@ -194,12 +201,16 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
             "overlong": cfg.overlong,
             "inputs": [os.path.abspath(p) for p in cfg.inputs],
         }
-        docs = _DocumentReader(os.path.join(stage_dir, "docs"))
-        write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
+        # The timing goes into OUT.json, so it is taken before the packs are written (that last copy is
+        # not counted); the returned stats (--stats-json, the summary) are the very same numbers.
         stats.seconds = time.perf_counter() - t0
         stats.tokens_per_second = stats.tokens / max(1e-9, stats.seconds)
+        docs = _DocumentReader(os.path.join(stage_dir, "docs"))
+        write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
         return stats
     finally:
+        if bar is not None:  # on an error: end the bar's line, so the error message starts on its own
+            bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
