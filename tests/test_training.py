@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -218,3 +219,36 @@ def test_train_main_reports_bad_flags_on_one_line(capsys, tmp_path):
     assert loop.main(["--data-path", str(tmp_path / "none"), "--device", "cpu", "--train-iters", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --data-path") and "\n" not in err
+
+
+# ---- YAML configs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("optimizer: adamw\n", "optimizer: invalid choice 'adamw' (choose from adam, sgd)"),
+        ("lr-decay-style: cosin\n", "lr-decay-style: invalid choice 'cosin'"),
+        ("global-batch-size: 32.0\n", "global-batch-size: invalid int value 32.0"),
+        ("lr: fast\n", "lr: invalid float value 'fast'"),
+        ("bf16: 1\n", "bf16: expected true or false"),
+        ("epochs: 1\ntrain-iters: 3\n", "give 'epochs' or 'train-iters', not both"),
+    ],
+)
+def test_yaml_values_are_checked_like_flags(tmp_path, yaml_text, message):
+    from megatron_focusft.training.arguments import parse_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ArgumentError, match=re.escape(f"--config {config}: {message}")):
+        parse_args(["--config", str(config)])
+
+
+def test_yaml_values_get_the_flags_types(tmp_path):
+    from megatron_focusft.training.arguments import parse_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text("global-batch-size: 32\nlr: 1e-5\nsave: runs/x\nbilevel: false\nlr_decay_style: linear\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.global_batch_size, args.lr, args.save, args.bilevel) == (32, 1e-5, Path("runs/x"), False)
+    assert type(args.global_batch_size) is int and type(args.lr) is float and args.lr_decay_style == "linear"

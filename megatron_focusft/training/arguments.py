@@ -105,15 +105,39 @@ def _read_yaml(path: Path, parser: argparse.ArgumentParser) -> dict:
         raise ArgumentError(f"--config {path}: unreadable ({e})") from None
     if not isinstance(raw, dict):
         raise ArgumentError(f"--config {path}: expected a mapping of flag names to values")
-    known = {a.dest: a for a in parser._actions}
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     out = {}
     for key, value in raw.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in known or dest == "config":
+        if dest not in known:
             raise ArgumentError(f"--config {path}: unknown key {key!r} (keys are train.py's flag names)")
-        action = known[dest]
-        out[dest] = Path(value) if action.type is Path and value is not None else value
+        out[dest] = _yaml_value(path, key, value, known[dest])
+    if out.get("epochs") is not None and out.get("train_iters") is not None:
+        raise ArgumentError(f"--config {path}: give 'epochs' or 'train-iters', not both")
     return out
+
+
+def _yaml_value(path: Path, key: object, value: object, action: argparse.Action) -> object:
+    """``value`` checked as argparse checks the flag on the command line: its type and its choices."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true, --bilevel/--no-bilevel
+        if not isinstance(value, bool):
+            raise ArgumentError(f"--config {path}: {key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, (bool, list, dict)):
+        raise ArgumentError(f"--config {path}: {key}: invalid value {value!r}")
+    if action.type is not None:
+        try:
+            # As on the command line: the YAML scalar's text through the flag's type (so 32.0 is no int).
+            value = action.type(value if isinstance(value, str) else str(value))
+        except (TypeError, ValueError):
+            name = getattr(action.type, "__name__", str(action.type))
+            raise ArgumentError(f"--config {path}: {key}: invalid {name} value {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise ArgumentError(f"--config {path}: {key}: invalid choice {value!r} (choose from {choices})")
+    return value
 
 
 def focusft_config(args: argparse.Namespace) -> FocuSFTConfig:
