@@ -71,6 +71,8 @@
 #   BILEVEL          1: FocuSFT bilevel step; 0: plain SFT baseline (--no-bilevel) [1]
 #   ATTENTION_BACKEND  flex | dense | te (te has no glm mask) [flex]
 #   SAVE_INTERVAL, LOG_INTERVAL, EVAL_INTERVAL   [200, 1, unset = not passed]
+#   VALID_DATA_PATH  PREFIX of a validation set: its loss (base weights, no inner loop) at each EVAL_INTERVAL
+#                    and at the end [unset = no validation; EVAL_INTERVAL needs it]
 #   TENSORBOARD_DIR  [$SAVE_DIR/tensorboard];  WANDB_PROJECT  [unset = no wandb]
 #   EXPORT_HF        write a Hugging Face folder here at the end [unset = no export]
 #   EXTRA_ARGS       more tools/train.py arguments, appended last (word-split) [empty]
@@ -143,6 +145,7 @@ ATTENTION_BACKEND=${ATTENTION_BACKEND:-flex}
 SAVE_INTERVAL=${SAVE_INTERVAL:-200}
 LOG_INTERVAL=${LOG_INTERVAL:-1}
 EVAL_INTERVAL=${EVAL_INTERVAL:-}
+VALID_DATA_PATH=${VALID_DATA_PATH:-}
 WANDB_PROJECT=${WANDB_PROJECT:-}
 EXPORT_HF=${EXPORT_HF:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}
@@ -222,6 +225,7 @@ if [[ -n "$TRAIN_ITERS" ]]; then TRAIN_ARGS+=(--train-iters "$TRAIN_ITERS"); els
 if [[ "$BILEVEL" == 1 ]]; then TRAIN_ARGS+=(--bilevel); else TRAIN_ARGS+=(--no-bilevel); fi
 if [[ "$SP" == 1 ]]; then TRAIN_ARGS+=(--sequence-parallel); fi
 if [[ "$RECOMPUTE" != none ]]; then TRAIN_ARGS+=(--recompute-granularity "$RECOMPUTE"); fi
+if [[ -n "$VALID_DATA_PATH" ]]; then TRAIN_ARGS+=(--valid-data-path "$VALID_DATA_PATH"); fi
 if [[ -n "$EVAL_INTERVAL" ]]; then TRAIN_ARGS+=(--eval-interval "$EVAL_INTERVAL"); fi
 if [[ -n "$WANDB_PROJECT" ]]; then TRAIN_ARGS+=(--wandb-project "$WANDB_PROJECT"); fi
 if [[ -n "$EXPORT_HF" ]]; then TRAIN_ARGS+=(--export-hf "$EXPORT_HF"); fi

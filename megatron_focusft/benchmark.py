@@ -15,6 +15,7 @@ for its extra inner passes.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
 
@@ -36,8 +37,27 @@ ABLATION_MODES: dict[str, dict] = {
     "causal bilevel": {"bilevel": True, "attention_mask": "causal"},
     "FocuSFT": {"bilevel": True, "attention_mask": "glm"},
 }
-# Dense bf16 peak of the GPUs we measure on (no sparsity), for MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+# Dense bf16 peak (no sparsity) of each GPU variant, for MFU: the PCIe and NVL boards run lower clocks.
+PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H200 NVL": 835.0}
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The dense bf16 peak of the GPU ``torch.cuda.get_device_name()`` names, None where it is unknown (an
+    unlisted variant) or meaningless (the run is not bf16: the peak is bf16's)."""
+    if dtype != torch.bfloat16:
+        return None
+    words = set(re.split(r"[\s_-]+", device_name.upper()))
+    if "H100" in words:
+        if "PCIE" in words:
+            return PEAK_TFLOPS["H100 PCIe"]
+        if "NVL" in words:
+            return PEAK_TFLOPS["H100 NVL"]
+        if "SXM" in words or "SXM5" in words or "HBM3" in words:  # "NVIDIA H100 80GB HBM3" is the SXM board
+            return PEAK_TFLOPS["H100 SXM"]
+        return None
+    if "H200" in words:
+        return PEAK_TFLOPS["H200 NVL" if "NVL" in words else "H200"]
+    return None
 
 
 def synthetic_input(seq_len: int, vocab_size: int, seed: int = 0) -> PackedInput:

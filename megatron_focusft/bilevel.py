@@ -165,7 +165,15 @@ class BilevelStep:
 
     # ---- the step -------------------------------------------------------------------------------------
 
-    def __call__(self, inp: PackedInput, loss_scale: float, iteration: int = 0) -> StepStats:
+    def evaluate(self, inp: PackedInput) -> StepStats:
+        """The outer loss of ``inp`` with the base weights alone: the standard forward with the run's attention
+        mask, no fast weights (no inner loop), no gradient."""
+        with torch.no_grad():
+            return self(inp, loss_scale=0.0, inner=False, backward=False)
+
+    def __call__(
+        self, inp: PackedInput, loss_scale: float, iteration: int = 0, *, inner: bool = True, backward: bool = True
+    ) -> StepStats:
         """Forward, inner loop and outer backward (``loss_scale`` * outer loss sum) for one micro-batch.
 
         Under context parallelism every CP rank runs this on its load-balanced share of the pack; the
@@ -225,7 +233,7 @@ class BilevelStep:
         hidden = self._run(hidden, self.bottom, ctx)
 
         stats = StepStats(torch.zeros(()), num_docs, int(all_positions.numel()))
-        if cfg.uses_fast_weights:
+        if cfg.uses_fast_weights and inner:
             tc = self.model.config
             fast = FastWeights.initial(
                 layers=self.fast_layers,
@@ -257,7 +265,8 @@ class BilevelStep:
             token_losses = self.token_losses(self._run(hidden, self.top, ctx), positions, labels)
             document_losses = per_document(token_losses)
             outer = document_losses.sum() if cfg.loss_reduction == "sample" else token_losses.sum()
-            (outer * loss_scale).backward()
+            if backward:
+                (outer * loss_scale).backward()
         finally:
             self.slot.active = None
         stats.outer_loss_sum = _sum_over_context_parallel(outer.detach())

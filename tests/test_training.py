@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,18 +249,34 @@ def _args(ckpt: Path, data: str, *extra: str):
         (["--global-batch-size", "4", "--micro-batch-size", "1"], 3, "--global-batch-size 4 is not divisible"),
         (["--tensor-model-parallel-size", "4"], 4, "tensor-parallel size 4 does not divide num_key_value_heads"),
         (["--data-path", "/nonexistent/prefix"], 1, "--data-path /nonexistent/prefix: missing"),
-        (["--load", "LOAD"], 1, "is not a training checkpoint folder"),
+        (["--load", "FILE"], 1, "is not a folder"),
+        (
+            ["--load", "CKPT"],
+            1,
+            "no train_state.pt), e.g. a converted model; to start training from it use --pretrained",
+        ),
+        (["--load", "ITERS"], 1, "holds iter_0000003 but no 'latest' file"),
+        (["--seq-length", "32"], 1, "--seq-length 32 is smaller than the pack length 64 of --data-path"),
+        (["--export-hf", "EXISTING"], 1, "already exists; choose a new folder (nothing was run)"),
+        (["--exit-interval", "2"], 1, "--exit-interval needs --save"),
+        (["--lr-warmup-fraction", "1.0"], 1, "--lr-warmup-fraction 1.0 must be in [0, 1)"),
+        (["--lr", "1e-5", "--min-lr", "1e-4"], 1, "--min-lr 0.0001 must be between 0 and --lr 1e-05"),
+        (["--train-iters", "0"], 1, "--train-iters 0 must be at least 1"),
+        (["--eval-interval", "2"], 1, "--eval-interval needs --valid-data-path"),
         (["--bf16"], 1, "--bf16 needs --device cuda"),
         (["--focusft-lora-rank", "1000"], 1, "--focusft-lora-rank 1000 is larger"),
     ],
 )
 def test_bad_flags_are_clear_errors_before_any_work(setup_files, tmp_path, extra, world, message):
     ckpt, data = setup_files
-    not_a_checkpoint = tmp_path / "junk"
-    not_a_checkpoint.mkdir()
-    (not_a_checkpoint / "notes.txt").write_text("x")
-    extra = [str(not_a_checkpoint) if e == "LOAD" else e for e in extra]
-    with pytest.raises(ArgumentError, match=message.replace("(", "\\(").replace(")", "\\)")):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    iters = tmp_path / "iters"
+    (iters / "iter_0000003").mkdir(parents=True)
+    (tmp_path / "existing").mkdir()
+    paths = {"FILE": a_file, "CKPT": ckpt, "ITERS": iters, "EXISTING": tmp_path / "existing"}
+    extra = [str(paths.get(e, e)) for e in extra]
+    with pytest.raises(ArgumentError, match=re.escape(message)):
         validate(_args(ckpt, data, *extra), world_size=world)
 
 
@@ -266,3 +284,272 @@ def test_train_main_reports_bad_flags_on_one_line(capsys, tmp_path):
     assert loop.main(["--data-path", str(tmp_path / "none"), "--device", "cpu", "--train-iters", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --data-path") and "\n" not in err
+
+
+# ---- resume edge cases, schedule and run checks (one saved run shared by the tests below) ---------------
+
+SAVED_RUN = ["--global-batch-size", "2", "--train-iters", "2", "--lr", "1e-3", "--optimizer", "adam", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(setup_files, tmp_path_factory) -> Path:
+    """A finished 2-iteration run: ``ckpt`` with iter_0000001 and iter_0000002, ``hf`` its export."""
+    ckpt, data = setup_files
+    out = tmp_path_factory.mktemp("saved")
+    _train(1, _argv(ckpt, data, out, *SAVED_RUN, "--save", str(out / "ckpt"), "--save-interval", "1"))
+    return out
+
+
+def test_a_requeued_job_that_crashed_before_its_first_checkpoint_starts_fresh(setup_files, tmp_path, capfd):
+    ckpt, data = setup_files
+    save = tmp_path / "save"
+    (save / "tokenizer").mkdir(parents=True)  # what setup writes before any checkpoint
+    (save / "tensorboard").mkdir()
+    (save / "tensorboard" / "events.out").write_text("x")
+    (save / ".iter_0000001.partial").mkdir()  # a save killed half-way
+    argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "2", "--train-iters", "1")
+    _train(1, [*argv, "--load", str(save), "--save", str(save)])
+    assert "holds no checkpoint yet: starting fresh" in capfd.readouterr().out
+    assert (save / "latest").read_text().strip() == "iter_0000001"
+    assert not (save / ".iter_0000001.partial").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--lr", "2e-3"], "--lr 0.002 (checkpoint: 0.001)"),
+        (["--train-iters", "20"], "--train-iters/--epochs (iterations) 20 (checkpoint: 2)"),
+        (["--lr-decay-style", "linear"], "--lr-decay-style linear (checkpoint: cosine)"),
+        (["--min-lr", "1e-4"], "--min-lr 0.0001 (checkpoint: 0.0)"),
+        (["--seed", "6"], "--seed is 6 but the checkpoint"),
+        (["--global-batch-size", "4"], "--global-batch-size is 4 but the checkpoint"),
+        (["--data-path", "OTHER"], "--data-path (packs) is"),
+    ],
+)
+def test_a_resume_with_changed_schedule_or_data_position_is_refused(setup_files, saved_run, tmp_path, change, message):
+    ckpt, data = setup_files
+    other = tiny_dataset(tmp_path / "other", num_docs=80)
+    change = [other if c == "OTHER" else c for c in change]
+    args = build_parser().parse_args(
+        [*_argv(ckpt, data, tmp_path, *SAVED_RUN), "--load", str(saved_run / "ckpt"), *change]
+    )
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        validate(args, world_size=1)
+
+
+def test_the_same_flags_resume_and_a_finished_run_keeps_its_export(setup_files, saved_run, tmp_path):
+    ckpt, data = setup_files
+    argv = [*_argv(ckpt, data, saved_run, *SAVED_RUN), "--load", str(saved_run / "ckpt")]
+    validate(build_parser().parse_args(argv), world_size=1)  # finished + resumed: the existing export is fine
+    # Unfinished (latest rolled back to iteration 1): the existing export folder is an error at the start.
+    save = tmp_path / "ckpt"
+    shutil.copytree(saved_run / "ckpt", save)
+    (save / "latest").write_text("iter_0000001\n")
+    argv = [*_argv(ckpt, data, saved_run, *SAVED_RUN), "--load", str(save)]
+    with pytest.raises(ArgumentError, match="already exists"):
+        validate(build_parser().parse_args(argv), world_size=1)
+
+
+def test_a_stale_checkpoint_of_another_trajectory_is_replaced(setup_files, saved_run, tmp_path):
+    """``latest`` rolled back to iteration 1; iter_0000002 left over holds something else (here: iteration
+    1's checkpoint).  Resuming rewrites iter_0000002 with the real iteration 2 and repoints ``latest``."""
+    from megatron_focusft.convert.megatron_io import CheckpointMeta
+
+    ckpt, data = setup_files
+    save = tmp_path / "ckpt"
+    shutil.copytree(saved_run / "ckpt", save)
+    shutil.rmtree(save / "iter_0000002")
+    shutil.copytree(save / "iter_0000001", save / "iter_0000002")
+    (save / "latest").write_text("iter_0000001\n")
+    (save / ".iter_0000007.partial").mkdir()  # left by a killed save
+    argv = _argv(ckpt, data, tmp_path, *SAVED_RUN, "--save", str(save), "--load", str(save), "--keep-checkpoints", "5")
+    _train(1, argv)
+    assert (save / "latest").read_text().strip() == "iter_0000002"
+    assert CheckpointMeta.read(save / "iter_0000002").iteration == 2
+    assert torch.load(save / "iter_0000002" / "train_state.pt", weights_only=False)["state"]["iteration"] == 2
+    assert not list(save.glob(".iter_*"))
+    resumed, full = _weights(tmp_path / "hf"), _weights(saved_run / "hf")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+# ---- YAML configs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("optimizer: adamw\n", "optimizer: invalid choice 'adamw' (choose from adam, sgd)"),
+        ("lr-decay-style: cosin\n", "lr-decay-style: invalid choice 'cosin'"),
+        ("global-batch-size: 32.0\n", "global-batch-size: invalid int value 32.0"),
+        ("lr: fast\n", "lr: invalid float value 'fast'"),
+        ("bf16: 1\n", "bf16: expected true or false"),
+        ("epochs: 1\ntrain-iters: 3\n", "give 'epochs' or 'train-iters', not both"),
+    ],
+)
+def test_yaml_values_are_checked_like_flags(tmp_path, yaml_text, message):
+    from megatron_focusft.training.arguments import parse_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ArgumentError, match=re.escape(f"--config {config}: {message}")):
+        parse_args(["--config", str(config)])
+
+
+def test_yaml_values_get_the_flags_types(tmp_path):
+    from megatron_focusft.training.arguments import parse_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text("global-batch-size: 32\nlr: 1e-5\nsave: runs/x\nbilevel: false\nlr_decay_style: linear\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.global_batch_size, args.lr, args.save, args.bilevel) == (32, 1e-5, Path("runs/x"), False)
+    assert type(args.global_batch_size) is int and type(args.lr) is float and args.lr_decay_style == "linear"
+
+
+# ---- data checks ----------------------------------------------------------------------------------------
+
+
+def test_data_with_a_larger_vocabulary_than_the_model_is_refused(setup_files, tmp_path):
+    ckpt, data = setup_files
+    big = tiny_dataset(tmp_path / "big", meta={"vocab_size": 300})
+    with pytest.raises(ArgumentError, match="the data's vocab_size 300 is larger than the model's 256"):
+        validate(_args(ckpt, big), world_size=1)
+    validate(_args(ckpt, tiny_dataset(tmp_path / "ok", meta={"vocab_size": 256})), world_size=1)
+
+
+def test_a_longer_seq_length_warns_once(setup_files, capsys):
+    ckpt, data = setup_files
+    validate(_args(ckpt, data, "--seq-length", "96"), world_size=1)
+    err = capsys.readouterr().err
+    assert err.count("warning: --seq-length 96 is larger than the pack length 64") == 1
+
+
+# ---- throughput and MFU ---------------------------------------------------------------------------------
+
+
+def test_tflops_per_gpu_counts_every_replica_once():
+    """DP=4 replicas of TP=2 x CP=2 (16 GPUs): each replica runs 3e15 FLOPs in 2 s on its 4 GPUs, so every
+    GPU does 3e15 / 4 / 2 s = 375 TFLOP/s; the job processes 4 x 10,000 tokens in 2 s."""
+    from megatron_focusft.training.logger import throughput
+
+    dp, tp, cp, replica_flops, replica_tokens, seconds = 4, 2, 2, 3e15, 10_000, 2.0
+    speed = throughput(seconds, dp * replica_tokens, dp * replica_flops, world_size=dp * tp * cp)
+    assert speed["tflops_per_gpu"] == pytest.approx(replica_flops / (tp * cp) / seconds / 1e12)  # 375
+    assert speed["global_tokens_per_s"] == pytest.approx(20_000)
+
+
+def test_peak_tflops_per_gpu_variant():
+    from megatron_focusft.benchmark import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # SXM
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") is None
+    assert peak_tflops("NVIDIA H100 80GB HBM3", torch.float32) is None  # no MFU for fp32 runs
+
+
+# ---- optimizer ------------------------------------------------------------------------------------------
+
+
+def test_a_non_finite_gradient_skips_the_update(megatron_cpu):
+    from megatron_focusft.training.optimizer import CpuOptimizer
+
+    lin = torch.nn.Linear(3, 2)
+    args = build_parser().parse_args(["--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0", "--clip-grad", "0"])
+    opt = CpuOptimizer(lin, args)
+    before = [p.detach().clone() for p in lin.parameters()]
+    for p in lin.parameters():
+        p.main_grad = torch.ones_like(p)
+    lin.weight.main_grad[0, 0] = float("nan")
+    updated, norm, _ = opt.step()
+    assert not updated and norm != norm
+    assert all(torch.equal(b, p) for b, p in zip(before, lin.parameters()))
+    lin.weight.main_grad[0, 0] = 1.0
+    opt.zero_grad()
+    updated, norm, _ = opt.step()
+    assert updated and norm == pytest.approx(8**0.5)
+    assert all(torch.allclose(b - 0.5, p) for b, p in zip(before, lin.parameters()))
+
+
+def test_gpu_sgd_has_no_momentum_like_cpu_sgd(megatron_cpu):
+    from megatron_focusft.training.optimizer import CpuOptimizer, megatron_optimizer_config
+
+    args = build_parser().parse_args(["--optimizer", "sgd"])
+    cpu = CpuOptimizer(torch.nn.Linear(2, 2), args)
+    assert megatron_optimizer_config(args).sgd_momentum == cpu.param_groups[0]["momentum"] == 0.0
+
+
+# ---- validation loss ------------------------------------------------------------------------------------
+
+
+def _evaluate_worker(argv: list[str]) -> float:
+    from megatron_focusft.training.arguments import parse_args
+
+    return loop.evaluate(loop.setup(parse_args(argv)))
+
+
+def _oracle_valid_loss(hf_dir: Path, prefix: str, mode: str) -> float:
+    """Mean over documents of each document's mean response loss, the HF model alone (no fast weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_focusft.data.dataset import PackedDataset
+    from tests.oracle.focusft_oracle import additive_mask, response_loss
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    losses = []
+    dataset = PackedDataset(prefix)
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            for ids, loss_mask, _ in dataset.documents(i):
+                ids, loss_mask = torch.from_numpy(ids).long(), torch.from_numpy(loss_mask).long()
+                out = hf(input_ids=ids[None], attention_mask=additive_mask(loss_mask, mode, torch.float32))
+                losses.append(response_loss(out.logits[0], ids, loss_mask)[0])
+    return float(torch.stack(losses).mean())
+
+
+def test_validation_loss_equals_the_base_model_loss_over_every_pack(setup_files, tmp_path):
+    """Two DP ranks share a validation set with an odd number of packs; the loss equals the HF model's
+    (base weights, glm mask, no fast weights) averaged over every document once."""
+    from megatron_focusft.data.dataset import PackedDataset
+
+    ckpt, data = setup_files
+    valid = tiny_dataset(tmp_path / "valid", num_docs=9, seed=3)
+    assert len(PackedDataset(valid)) % 2 == 1
+    argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "2", "--train-iters", "1", "--valid-data-path", valid)
+    got = runtime.launch_cpu_processes(_evaluate_worker, 2, args=(argv,))
+    want = _oracle_valid_loss(ckpt.parent / "hf", valid, "glm")
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_training_logs_the_validation_loss(setup_files, tmp_path, capfd):
+    ckpt, data = setup_files
+    valid = tiny_dataset(tmp_path / "valid", num_docs=9, seed=3)
+    argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "2", "--train-iters", "3", "--valid-data-path", valid)
+    _train(1, [*argv, "--eval-interval", "2", "--lr", "0", "--min-lr", "0"])
+    lines = [x for x in capfd.readouterr().out.splitlines() if "valid loss" in x]
+    assert [x.split(" | ")[0] for x in lines] == ["step 2/3", "step 3/3"]
+    want = _oracle_valid_loss(ckpt.parent / "hf", valid, "glm")  # lr 0: the weights stay the pretrained ones
+    assert float(lines[-1].split("valid loss ")[1].split()[0]) == pytest.approx(want, rel=1e-3)
+
+
+def _one_step_metrics(argv: list[str]) -> dict:
+    from megatron_focusft.training.arguments import parse_args
+
+    return loop.train_step(loop.setup(parse_args(argv)))
+
+
+def test_a_step_counts_the_tokens_and_flops_of_the_whole_global_batch(setup_files, tmp_path):
+    """Two DP ranks, 2 packs each: the step's token and FLOP counts are those of all 4 packs."""
+    from megatron_focusft.benchmark import sft_flops
+    from megatron_focusft.convert.megatron_io import CheckpointMeta
+    from megatron_focusft.data.dataset import PackedDataset, PackLoader, collate
+    from megatron_focusft.packed_input import PackedInput
+
+    ckpt, data = setup_files
+    argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "4", "--train-iters", "1", "--seed", "9")
+    got = runtime.launch_cpu_processes(_one_step_metrics, 2, args=(argv,))
+    dataset, arch = PackedDataset(data), CheckpointMeta.read(ckpt).arch
+    packs = PackLoader(dataset, 0, 1, seed=9, micro_batch_size=4).epoch_order(0)[:4].tolist()
+    inputs = [PackedInput.from_batch(collate([dataset.get(i)], [i], dataset.pad_id)) for i in packs]
+    assert got["tokens"] == sum(int(dataset.pack_lengths()[i]) for i in packs)
+    assert got["flops"] == pytest.approx(sum(sft_flops(arch, inp) for inp in inputs), rel=1e-12)

@@ -26,8 +26,11 @@ def tiny_pretrained(root: Path) -> Path:
     return root / "ckpt"
 
 
-def tiny_dataset(prefix: Path, num_docs: int = 24, pack_length: int = 64, seed: int = 0) -> str:
-    """Multi-turn documents (context / response blocks) of 10-40 tokens, packed to ``pack_length``."""
+def tiny_dataset(
+    prefix: Path, num_docs: int = 24, pack_length: int = 64, seed: int = 0, meta: dict | None = None
+) -> str:
+    """Multi-turn documents (context / response blocks) of 10-40 tokens, packed to ``pack_length``;
+    ``meta`` goes into ``PREFIX.json`` (e.g. ``{"vocab_size": 256}``)."""
     rng = np.random.default_rng(seed)
     docs = []
     for _ in range(num_docs):
@@ -36,5 +39,5 @@ def tiny_dataset(prefix: Path, num_docs: int = 24, pack_length: int = 64, seed: 
         ids = rng.integers(0, 256, mask.size).astype(np.int32)
         docs.append(Document(ids, mask))
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    write_documents(str(prefix), docs, pack_length)
+    write_documents(str(prefix), docs, pack_length, meta)
     return str(prefix)

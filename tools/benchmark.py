@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     peak = args.peak_tflops
     if peak is None and args.device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in benchmark.PEAK_TFLOPS.items() if k in name), None)
+        peak = benchmark.peak_tflops(torch.cuda.get_device_name(), DTYPES[args.dtype])
     rows = benchmark.run(arch, seq_lens, base, device, DTYPES[args.dtype], args.warmup, args.iters, peak)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(

@@ -8,11 +8,14 @@ A YAML config uses the flag names as keys (``lr: 1.0e-5``, ``focusft-inner-steps
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import sys
 from pathlib import Path
 
 from megatron_focusft.config import FocuSFTConfig, FocuSFTConfigError
-from megatron_focusft.convert.megatron_io import META_FILE, CheckpointMeta, latest_checkpoint
+from megatron_focusft.convert.megatron_io import LATEST_FILE, CheckpointMeta, latest_checkpoint
 from megatron_focusft.models.qwen2 import ConfigError
 
 
@@ -31,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="starting weights (tools/convert_hf_to_megatron.py output); not needed to resume",
     )
     g.add_argument("--data-path", type=str, default=None, help="PREFIX written by tools/preprocess_data.py")
-    g.add_argument("--valid-data-path", type=str, default=None, help="PREFIX of a validation set")
+    g.add_argument(
+        "--valid-data-path",
+        type=str,
+        default=None,
+        help="PREFIX of a validation set: its mean response loss with the current base weights (standard forward, "
+        "the run's mask, no fast weights: no inner loop) at every --eval-interval and at the end",
+    )
     g.add_argument("--seq-length", type=int, default=None, help="pack length (default: the data's)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -73,14 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--focusft-layer-fraction", type=float, default=0.35)
     g.add_argument("--loss-reduction", choices=("sample", "token"), default="sample")
     g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--load", type=Path, default=None, help="resume from the latest checkpoint here")
+    g.add_argument(
+        "--load",
+        type=Path,
+        default=None,
+        help="resume from the latest checkpoint of this --save folder (none there yet: start fresh)",
+    )
     g.add_argument("--save", type=Path, default=None)
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--exit-interval", type=int, default=None, help="save and exit after this many iterations")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--export-hf", type=Path, default=None, help="write a Hugging Face folder at the end")
     g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument(
+        "--eval-interval", type=int, default=None, help="validation loss every N iterations (needs --valid-data-path)"
+    )
     g.add_argument("--tensorboard-dir", type=Path, default=None)
     g.add_argument("--wandb-project", type=str, default=None)
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
@@ -105,15 +121,39 @@ def _read_yaml(path: Path, parser: argparse.ArgumentParser) -> dict:
         raise ArgumentError(f"--config {path}: unreadable ({e})") from None
     if not isinstance(raw, dict):
         raise ArgumentError(f"--config {path}: expected a mapping of flag names to values")
-    known = {a.dest: a for a in parser._actions}
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     out = {}
     for key, value in raw.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in known or dest == "config":
+        if dest not in known:
             raise ArgumentError(f"--config {path}: unknown key {key!r} (keys are train.py's flag names)")
-        action = known[dest]
-        out[dest] = Path(value) if action.type is Path and value is not None else value
+        out[dest] = _yaml_value(path, key, value, known[dest])
+    if out.get("epochs") is not None and out.get("train_iters") is not None:
+        raise ArgumentError(f"--config {path}: give 'epochs' or 'train-iters', not both")
     return out
+
+
+def _yaml_value(path: Path, key: object, value: object, action: argparse.Action) -> object:
+    """``value`` checked as argparse checks the flag on the command line: its type and its choices."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true, --bilevel/--no-bilevel
+        if not isinstance(value, bool):
+            raise ArgumentError(f"--config {path}: {key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, (bool, list, dict)):
+        raise ArgumentError(f"--config {path}: {key}: invalid value {value!r}")
+    if action.type is not None:
+        try:
+            # As on the command line: the YAML scalar's text through the flag's type (so 32.0 is no int).
+            value = action.type(value if isinstance(value, str) else str(value))
+        except (TypeError, ValueError):
+            name = getattr(action.type, "__name__", str(action.type))
+            raise ArgumentError(f"--config {path}: {key}: invalid {name} value {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise ArgumentError(f"--config {path}: {key}: invalid choice {value!r} (choose from {choices})")
+    return value
 
 
 def focusft_config(args: argparse.Namespace) -> FocuSFTConfig:
@@ -133,19 +173,108 @@ def focusft_config(args: argparse.Namespace) -> FocuSFTConfig:
     )
 
 
+TRAIN_STATE_FILE = "train_state.pt"
+
+
 def resume_checkpoint(args: argparse.Namespace) -> Path | None:
-    """The checkpoint ``--load`` resumes from, None for a fresh start, or an error for a bad ``--load``."""
+    """The checkpoint ``--load`` resumes from, None for a fresh start, or an error for a bad ``--load``.
+
+    A ``--load`` folder that holds no checkpoint yet (no ``latest``, no ``iter_*`` folder: e.g. only the
+    ``tokenizer/`` and logs a first job wrote into ``SAVE`` before it crashed) starts fresh, so a requeued
+    job with ``--load SAVE --save SAVE`` works.  A model checkpoint without training state (a converted
+    model) is an error pointing at ``--pretrained-checkpoint``.
+    """
     if args.load is None:
         return None
     load = Path(args.load)
-    if not load.exists() or (load.is_dir() and not any(load.iterdir())):
+    if not load.exists():
         if args.save is not None and load.resolve() == Path(args.save).resolve():
             return None  # a first run with --load == --save (auto-resume on SLURM)
         raise ArgumentError(f"--load {load}: no such checkpoint folder")
-    found = latest_checkpoint(load)
+    if not load.is_dir():
+        raise ArgumentError(f"--load {load} is not a folder (give a --save folder of an earlier run)")
+    try:
+        found = latest_checkpoint(load)
+    except ConfigError as e:
+        raise ArgumentError(f"--load {load}: {e}") from None
     if found is None:
-        raise ArgumentError(f"--load {load} is not a training checkpoint folder (no 'latest' file, no {META_FILE})")
+        iters = sorted(p.name for p in load.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+        if iters:
+            raise ArgumentError(
+                f"--load {load} holds {', '.join(iters)} but no '{LATEST_FILE}' file; write the name of the "
+                f"checkpoint to resume from into {load / LATEST_FILE}, or --load that iter_* folder itself"
+            )
+        return None  # no checkpoint yet: a fresh start (setup says so)
+    if not (found / TRAIN_STATE_FILE).is_file():
+        raise ArgumentError(
+            f"--load {load}: {found} is a model checkpoint without training state (no {TRAIN_STATE_FILE}), "
+            f"e.g. a converted model; to start training from it use --pretrained-checkpoint {found}"
+        )
     return found
+
+
+def train_schedule(args: argparse.Namespace, num_packs: int) -> tuple[int, int]:
+    """(training iterations, warm-up iterations) of the learning-rate schedule."""
+    train_iters = args.train_iters or max(1, math.floor(num_packs * args.epochs / args.global_batch_size))
+    return train_iters, int(args.lr_warmup_fraction * train_iters)
+
+
+def scheduler_values(args: argparse.Namespace, train_iters: int, warmup: int) -> dict:
+    """What ``OptimizerParamScheduler.state_dict()`` holds for these flags, keyed like it."""
+    return {
+        "max_lr": args.lr,
+        "min_lr": args.min_lr,
+        "lr_warmup_steps": warmup,
+        "lr_decay_steps": train_iters,
+        "lr_decay_style": args.lr_decay_style,
+        "start_wd": args.weight_decay,
+    }
+
+
+# The flags behind each scheduler value, for the message of a changed schedule on resume.
+_SCHEDULER_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-fraction (warm-up iterations)",
+    "lr_decay_steps": "--train-iters/--epochs (iterations)",
+    "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay",
+}
+
+
+def run_identity(args: argparse.Namespace, num_packs: int) -> dict:
+    """What a resumed run must share with the run that saved: otherwise the data position is wrong."""
+    return {"seed": args.seed, "global_batch_size": args.global_batch_size, "num_packs": num_packs}
+
+
+def check_resume_compatible(args: argparse.Namespace, saved: dict, num_packs: int) -> None:
+    """Refuse a resume whose seed, global batch size, data or learning-rate schedule differ from the
+    checkpoint's (``saved``: the checkpoint's ``train_state.pt``)."""
+    ckpt = Path(args.load)
+    run = saved.get("run", {})
+    flags = {"seed": "--seed", "global_batch_size": "--global-batch-size", "num_packs": "--data-path (packs)"}
+    for key, value in run_identity(args, num_packs).items():
+        if key in run and run[key] != value:
+            raise ArgumentError(
+                f"{flags[key]} is {value} but the checkpoint in --load {ckpt} was trained with {run[key]}; "
+                "resuming would read the data at the wrong position (use the same value or a new --save)"
+            )
+    train_iters, warmup = train_schedule(args, num_packs)
+    sched = saved.get("scheduler", {})
+    diffs = [
+        f"{_SCHEDULER_FLAGS[k]} {v} (checkpoint: {sched[k]})"
+        for k, v in scheduler_values(args, train_iters, warmup).items()
+        if k in sched and sched[k] != v
+    ]
+    if diffs:
+        raise ArgumentError(
+            f"--load {ckpt}: the learning-rate schedule differs from the checkpoint's: {'; '.join(diffs)}; "
+            "resume with the same values (or start a new run with --pretrained-checkpoint)"
+        )
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def validate(args: argparse.Namespace, world_size: int | None = None) -> None:
@@ -167,20 +296,56 @@ def validate(args: argparse.Namespace, world_size: int | None = None) -> None:
         )
     if args.data_path is None:
         raise ArgumentError("--data-path is required (a PREFIX written by tools/preprocess_data.py)")
+    data_meta = {}
     for prefix, flag in ((args.data_path, "--data-path"), (args.valid_data_path, "--valid-data-path")):
         if prefix is not None:
             missing = [s for s in (".bin", ".idx", ".json") if not Path(prefix + s).is_file()]
             if missing:
                 raise ArgumentError(f"{flag} {prefix}: missing {', '.join(prefix + s for s in missing)}")
+            try:
+                data_meta[flag] = json.loads(Path(prefix + ".json").read_text())
+                int(data_meta[flag]["pack_length"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ArgumentError(f"{flag} {prefix}.json: unreadable metadata ({e!r})") from None
     if args.bf16 and args.device != "cuda":
         raise ArgumentError("--bf16 needs --device cuda (Megatron's mixed-precision optimizer is CUDA-only)")
     if args.epochs is None and args.train_iters is None:
         raise ArgumentError("give --epochs or --train-iters")
+    if args.train_iters is not None and args.train_iters < 1:
+        raise ArgumentError(f"--train-iters {args.train_iters} must be at least 1")
+    if args.epochs is not None and not args.epochs > 0:
+        raise ArgumentError(f"--epochs {args.epochs} must be positive")
+    if not 0.0 <= args.lr_warmup_fraction < 1.0:
+        raise ArgumentError(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
+    if not 0.0 <= args.min_lr <= args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save")
+    if args.exit_interval is not None and args.save is None:
+        raise ArgumentError("--exit-interval needs --save (it saves a checkpoint and exits)")
+    if args.eval_interval is not None and args.valid_data_path is None:
+        raise ArgumentError("--eval-interval needs --valid-data-path")
+    for flag, value in (("--eval-interval", args.eval_interval), ("--save-interval", args.save_interval)):
+        if value is not None and value < 1:
+            raise ArgumentError(f"{flag} {value} must be at least 1")
+    for flag, meta in data_meta.items():
+        pack_length = int(meta["pack_length"])
+        if args.seq_length is not None and args.seq_length < pack_length:
+            raise ArgumentError(
+                f"--seq-length {args.seq_length} is smaller than the pack length {pack_length} of {flag} "
+                "(packs cannot be cut; omit --seq-length or re-pack the data)"
+            )
+        if args.seq_length is not None and args.seq_length > pack_length and _rank0():
+            print(
+                f"warning: --seq-length {args.seq_length} is larger than the pack length {pack_length} of {flag}: "
+                "every pack gets padded",
+                file=sys.stderr,
+            )
     resume = resume_checkpoint(args)
     source = resume or args.pretrained_checkpoint
     if source is None:
+        if args.load is not None:
+            raise ArgumentError(f"--load {args.load} holds no checkpoint yet; give --pretrained-checkpoint to start")
         raise ArgumentError("--pretrained-checkpoint is required unless --load resumes a run")
     try:
         meta = CheckpointMeta.read(latest_checkpoint(Path(source)) or Path(source))
@@ -190,3 +355,34 @@ def validate(args: argparse.Namespace, world_size: int | None = None) -> None:
         focusft_config(args).validate(hidden_size=meta.arch.hidden_size, ffn_hidden_size=meta.arch.ffn_hidden_size)
     except (ConfigError, FocuSFTConfigError) as e:
         raise ArgumentError(str(e)) from None
+    for flag, data in data_meta.items():
+        vocab = data.get("vocab_size")
+        if vocab is not None and int(vocab) > meta.arch.vocab_size:
+            raise ArgumentError(
+                f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: the data's vocab_size {vocab} is larger "
+                f"than the model's {meta.arch.vocab_size} ({source}); was it tokenized for another model?"
+            )
+    num_packs = _num_packs(args.data_path)
+    train_iters, _ = train_schedule(args, num_packs)
+    if resume is not None:
+        saved = _read_train_state(resume)
+        check_resume_compatible(args, saved, num_packs)
+    if args.export_hf is not None and Path(args.export_hf).exists():
+        finished = resume is not None and CheckpointMeta.read(resume).iteration >= train_iters
+        if not finished:
+            raise ArgumentError(f"--export-hf {args.export_hf} already exists; choose a new folder (nothing was run)")
+
+
+def _num_packs(prefix: str) -> int:
+    from megatron_focusft.data.dataset import PackedDataset
+
+    return len(PackedDataset(prefix))
+
+
+def _read_train_state(ckpt: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(ckpt / TRAIN_STATE_FILE, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error for the user
+        raise ArgumentError(f"{ckpt / TRAIN_STATE_FILE}: unreadable ({e})") from None

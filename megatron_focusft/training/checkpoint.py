@@ -1,6 +1,6 @@
 """Training checkpoints: ``SAVE/iter_0000100/`` (model, optimizer, scheduler, RNG, data position) + ``latest``.
 
-Each checkpoint is written under a temporary name and renamed when complete (:func:`atomic_output_dir`);
+Each checkpoint is written under a temporary name (``.iter_N.partial``) and renamed when complete;
 ``latest`` is replaced atomically afterwards, so a job killed at any moment leaves the previous checkpoint
 loadable.  The model part is the same format as the converter's output, so
 ``tools/convert_megatron_to_hf.py --ckpt SAVE`` exports any checkpoint training wrote.
@@ -21,13 +21,8 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
-from megatron_focusft.convert.megatron_io import (
-    LATEST_FILE,
-    CheckpointMeta,
-    atomic_output_dir,
-    load_model,
-    save_model,
-)
+from megatron_focusft.convert.megatron_io import LATEST_FILE, CheckpointMeta, load_model, save_model
+from megatron_focusft.training.arguments import TRAIN_STATE_FILE, ArgumentError
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
@@ -36,6 +31,7 @@ ITER_DIR = re.compile(r"^iter_(\d{7})$")
 class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
+    skipped_iterations: int = 0  # optimizer steps skipped for a non-finite gradient norm
 
 
 def _rank0() -> bool:
@@ -72,22 +68,52 @@ def save_checkpoint(
     meta: CheckpointMeta,
     tokenizer_dir: Path | None,
     keep: int,
+    run: dict | None = None,
 ) -> Path:
-    """Write ``save_dir/iter_{iteration}`` (collective), point ``latest`` at it, drop all but ``keep``."""
+    """Write ``save_dir/iter_{iteration}`` (collective), point ``latest`` at it, drop all but ``keep``.
+
+    ``run`` (seed, global batch size, the data's pack count) is stored for the resume checks.  An
+    ``iter_{iteration}`` folder already there is stale (another trajectory, e.g. after ``latest`` was rolled
+    back): it is replaced, the new checkpoint written aside first (``.iter_N.partial``) and swapped in.
+    Leftover ``.iter_*.partial`` / ``.iter_*.stale`` folders of a killed save are removed.  The caller never
+    saves the same iteration twice (the loop remembers what it saved).
+    """
     name = f"iter_{state.iteration:07d}"
     final = save_dir / name
-    if final.exists():  # already saved at this iteration (e.g. a signal right after an interval save)
-        return final
-    with atomic_output_dir(final) as tmp:
+    tmp = save_dir / f".{name}.partial"
+    decision = [final.exists()] if _rank0() else [None]
+    dist.broadcast_object_list(decision, src=0)  # rank 0's view of the folder decides for every rank
+    replace = bool(decision[0])
+    if _rank0():
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in [*save_dir.glob(".iter_*.partial"), *save_dir.glob(".iter_*.stale")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    try:
         save_model(model, tmp, meta)
         optimizer.save(tmp, model)
         (tmp / "rank_state").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rank_state" / f"rank_{dist.get_rank():05d}.pt")
         if _rank0():
-            torch.save({"state": state.__dict__, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
+            saved = {"state": state.__dict__, "scheduler": scheduler.state_dict(), "run": dict(run or {})}
+            torch.save(saved, tmp / TRAIN_STATE_FILE)
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
                 copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
+        dist.barrier()
+    except BaseException:
+        if _rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if _rank0():
+        if replace:
+            old = save_dir / f".{name}.stale"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         pointer = save_dir / f".{LATEST_FILE}.tmp"
         pointer.write_text(name + "\n")
         os.replace(pointer, save_dir / LATEST_FILE)
@@ -100,11 +126,16 @@ def save_checkpoint(
 
 def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
     """Restore everything :func:`save_checkpoint` wrote (collective)."""
+    saved = torch.load(ckpt_dir / TRAIN_STATE_FILE, weights_only=False)
+    try:  # the flags were compared before (arguments.check_resume_compatible); this is the last guard
+        scheduler.load_state_dict(saved["scheduler"])
+    except AssertionError as e:
+        raise ArgumentError(
+            f"--load {ckpt_dir}: the learning-rate schedule differs from the checkpoint's ({e})"
+        ) from None
     load_model(model, ckpt_dir)
     optimizer.load(ckpt_dir, model)
     rank_file = ckpt_dir / "rank_state" / f"rank_{dist.get_rank():05d}.pt"
     if rank_file.is_file():
         _set_rng_state(torch.load(rank_file, weights_only=False))
-    saved = torch.load(ckpt_dir / "train_state.pt", weights_only=False)
-    scheduler.load_state_dict(saved["scheduler"])
     return TrainState(**saved["state"])

@@ -55,9 +55,9 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if state.iteration % self.interval and state.iteration != self.train_iters:
             return
-        secs = sum(w[0] for w in self.window)
-        tokens_per_s = sum(w[1] for w in self.window) / secs
-        tflops = sum(w[2] for w in self.window) / secs / 1e12 / self.world  # per GPU (SFT-equivalent)
+        speed = throughput(
+            sum(w[0] for w in self.window), sum(w[1] for w in self.window), sum(w[2] for w in self.window), self.world
+        )
         self.window.clear()
         done = state.iteration - self.start_iteration
         eta = (time.perf_counter() - self.started) / max(done, 1) * (self.train_iters - state.iteration)
@@ -67,12 +67,15 @@ class MetricsLogger:
             "inner_loss_after": metrics.get("inner_loss_after"),
             "grad_norm": metrics["grad_norm"],
             "lr": metrics["lr"],
-            "tokens_per_s": tokens_per_s,
-            "tflops_per_gpu": tflops,
-            "mfu": tflops / self.peak if self.peak else None,
+            "skipped_iters": getattr(state, "skipped_iterations", 0) or None,
+            "global_tokens_per_s": speed["global_tokens_per_s"],
+            "tflops_per_gpu": speed["tflops_per_gpu"],
+            "mfu": speed["tflops_per_gpu"] / self.peak if self.peak else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         }
         parts = [f"step {state.iteration}/{self.train_iters}", f"consumed {state.consumed_samples}"]
+        if metrics.get("skipped"):
+            parts.append("skipped (non-finite grad norm: no update)")
         parts += [f"{k} {_fmt(v)}" for k, v in fields.items() if v is not None]
         parts.append(f"eta {_duration(eta)}")
         self.message(" | ".join(parts))
@@ -84,6 +87,16 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in fields.items() if v is not None}, step=state.iteration)
 
+    def log_validation(self, iteration: int, loss: float) -> None:
+        """The validation loss (base weights, no inner loop) at ``iteration``."""
+        if not self.rank0:
+            return
+        self.message(f"step {iteration}/{self.train_iters} | valid loss {_fmt(loss)} (base weights, no inner loop)")
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("valid/loss", loss, iteration)
+        if self.wandb is not None:
+            self.wandb.log({"valid/loss": loss}, step=iteration)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -91,6 +104,16 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def throughput(seconds: float, global_tokens: float, global_flops: float, world_size: int) -> dict[str, float]:
+    """Speed over ``seconds`` of training; ``global_tokens`` and ``global_flops`` are summed over the whole
+    global batch (every data-parallel replica).  Every GPU of the job does its share: one replica runs on
+    TP x CP GPUs and there are DP replicas, so a GPU's share of the FLOPs is the global count / world size."""
+    return {
+        "global_tokens_per_s": global_tokens / seconds,
+        "tflops_per_gpu": global_flops / world_size / seconds / 1e12,  # SFT-equivalent FLOPs
+    }
 
 
 def _fmt(v: float) -> str:

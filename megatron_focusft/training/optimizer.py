@@ -9,6 +9,7 @@ expose ``param_groups`` so that Megatron's ``OptimizerParamScheduler`` drives th
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -57,9 +58,12 @@ class CpuOptimizer:
         return float(sq.sqrt())
 
     def step(self) -> tuple[bool, float, None]:
+        """Clip and update; a non-finite gradient norm (NaN/Inf anywhere) skips the update: (False, norm)."""
+        norm = self.grad_norm()  # the same on every rank (DDP summed the gradients, TP all-reduced the norm)
+        if not math.isfinite(norm):
+            return False, norm, None
         for p in self.params:
             p.grad = p.main_grad.to(p.dtype)
-        norm = self.grad_norm()
         if self.clip_grad > 0 and norm > self.clip_grad:
             for p in self.params:
                 p.grad.mul_(self.clip_grad / (norm + 1e-6))
@@ -78,25 +82,33 @@ class CpuOptimizer:
         self.optimizer.load_state_dict(torch.load(path, weights_only=True))
 
 
+def megatron_optimizer_config(args: argparse.Namespace):
+    """Megatron's ``OptimizerConfig`` for these flags, with the same semantics as :class:`CpuOptimizer`
+    (plain SGD: no momentum, where Megatron's default is 0.9)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        sgd_momentum=0.0,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=True,
+    )
+
+
 class GpuOptimizer:
     """Megatron-Core's optimizer (``get_megatron_optimizer``) with its distributed checkpoint format."""
 
     def __init__(self, model: torch.nn.Module, ddp_model: torch.nn.Module, args: argparse.Namespace) -> None:
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import get_megatron_optimizer
 
-        config = OptimizerConfig(
-            optimizer=args.optimizer,
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            clip_grad=args.clip_grad,
-            bf16=args.bf16,
-            params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-            use_distributed_optimizer=True,
-        )
-        self.optimizer = get_megatron_optimizer(config, [ddp_model])
+        self.optimizer = get_megatron_optimizer(megatron_optimizer_config(args), [ddp_model])
 
     @property
     def param_groups(self) -> list[dict]:
