@@ -437,6 +437,28 @@ def test_tflops_per_gpu_counts_every_replica_once():
     assert speed["global_tokens_per_s"] == pytest.approx(20_000)
 
 
+def test_wandb_run_resumes_with_the_save_folder(tmp_path, megatron_cpu, monkeypatch):
+    """A requeued job (same --save) logs into the same W&B run; a run without --save gets a new one."""
+    import types
+
+    from megatron_focusft.training.logger import MetricsLogger
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    def start(save):
+        argv = ["--wandb-project", "p", "--no-progress"] + (["--save", str(save)] if save else [])
+        MetricsLogger(build_parser().parse_args(argv), 10, 0, None).close()
+
+    start(tmp_path / "run")
+    start(tmp_path / "run")
+    start(None)
+    assert calls[0]["id"] == calls[1]["id"] and calls[0]["resume"] == "allow"
+    assert calls[2]["id"] is None and calls[2]["resume"] is None
+    assert (tmp_path / "run" / "wandb_run_id").read_text().strip() == calls[0]["id"]
+
+
 def test_peak_tflops_per_gpu_variant():
     from megatron_focusft.benchmark import peak_tflops
 

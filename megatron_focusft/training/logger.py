@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,7 +38,10 @@ class MetricsLogger:
             except ImportError:
                 print("warning: --wandb-project given but wandb is not installed; not logging to W&B", file=sys.stderr)
             else:
-                self.wandb = wandb.init(project=args.wandb_project, config=vars(args))
+                run_id = _wandb_run_id(args.save)
+                self.wandb = wandb.init(
+                    project=args.wandb_project, config=vars(args), id=run_id, resume="allow" if run_id else None
+                )
         if sys.stdout.isatty() and not args.no_progress:
             from tqdm import tqdm
 
@@ -114,6 +119,20 @@ def throughput(seconds: float, global_tokens: float, global_flops: float, world_
         "global_tokens_per_s": global_tokens / seconds,
         "tflops_per_gpu": global_flops / world_size / seconds / 1e12,  # SFT-equivalent FLOPs
     }
+
+
+def _wandb_run_id(save: Path | None) -> str | None:
+    """The W&B run id kept in the ``--save`` folder, so that a resumed (requeued) job goes on logging into
+    the same W&B run instead of starting a new one; None without ``--save``."""
+    if save is None:
+        return None
+    path = Path(save) / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(8)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def _fmt(v: float) -> str:
