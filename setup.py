@@ -15,8 +15,8 @@ setup(
     packages=find_packages(include=["megatron_focusft", "megatron_focusft.*"]),
     python_requires=">=3.10,<3.13",
     install_requires=[
-        # FlexAttention (block masks, CPU forward) and torch.distributed gloo are needed.
-        "torch>=2.5",
+        # FlexAttention (BlockMask.seq_lengths: 2.6), its CPU forward, and torch.distributed gloo are needed.
+        "torch>=2.6",
         "megatron-core>=0.16.1,<0.20",
         # Reference models for the differential tests and the HF side of the converters.
         "transformers>=4.45,<6",

@@ -264,6 +264,7 @@ def _args(ckpt: Path, data: str, *extra: str):
         (["--train-iters", "0"], 1, "--train-iters 0 must be at least 1"),
         (["--eval-interval", "2"], 1, "--eval-interval needs --valid-data-path"),
         (["--bf16"], 1, "--bf16 needs --device cuda"),
+        (["--attention-backend", "te", "--attention-mask", "causal"], 1, "--attention-backend te needs --bf16"),
         (["--focusft-lora-rank", "1000"], 1, "--focusft-lora-rank 1000 is larger"),
     ],
 )

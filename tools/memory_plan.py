@@ -2,8 +2,8 @@
 """Predicted per-GPU memory of a bf16 training run (distributed optimizer), component by component.
 
     python tools/memory_plan.py --preset qwen2.5-7b --seq-length 4096 --tp 2 --sequence-parallel --dp 4
-    python tools/memory_plan.py --preset qwen2.5-7b --seq-length 131072 --tp 8 --cp 4 --sequence-parallel \\
-        --recompute full --num-gpus 32 --json
+    python tools/memory_plan.py --preset qwen2.5-7b --seq-length 131072 --tp 4 --cp 8 --sequence-parallel \\
+        --recompute selective --num-gpus 32 --json
     python tools/memory_plan.py --hf-config Qwen2.5-7B-Instruct/config.json --seq-length 32768 --tp 4 --no-bilevel
 
 What each component counts: ``megatron_focusft/memory_plan.py``.  Exit status 2 on a bad model or layout.

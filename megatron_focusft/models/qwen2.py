@@ -164,7 +164,8 @@ class Qwen2Arch:
         return asdict(self)
 
 
-# The published Qwen2.5 sizes.  Every one: RMSNorm eps 1e-6, RoPE base 1e6, QKV bias, SwiGLU.
+# The published Qwen2.5 sizes, as in the Instruct models' configs: RMSNorm eps 1e-6, RoPE base 1e6, QKV bias,
+# SwiGLU (the base 14B/32B/72B configs say eps 1e-5; a conversion always reads the checkpoint's config.json).
 PRESETS: dict[str, Qwen2Arch] = {
     "qwen2.5-0.5b": Qwen2Arch(896, 24, 14, 2, 4864, 151936, True),
     "qwen2.5-1.5b": Qwen2Arch(1536, 28, 12, 2, 8960, 151936, True),

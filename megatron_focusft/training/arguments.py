@@ -288,6 +288,11 @@ def validate(args: argparse.Namespace, world_size: int | None = None) -> None:
         )
     if cp > 1 and (args.attention_backend == "te"):
         raise ArgumentError("--context-parallel-size > 1 needs --attention-backend flex or dense (all-gather KV)")
+    if args.attention_backend == "te" and not args.bf16:
+        raise ArgumentError(
+            "--attention-backend te needs --bf16: TransformerEngine's packed (thd) attention has only fused "
+            "bf16/fp16 kernels"
+        )
     dp = world_size // (tp * cp)
     if args.micro_batch_size < 1 or args.global_batch_size % (args.micro_batch_size * dp):
         raise ArgumentError(
