@@ -23,10 +23,12 @@ pipeline stage.  Every component is computed separately, in bytes on one GPU:
 ``activation working set``
     What exists only while one layer runs backward: the gradients of one layer's activations (about one
     layer's stored activations); under full recompute the recomputed layer's activations; under selective
-    recompute with the dense backend one layer's S x S scores; under CP the all-gathered K and V.
+    recompute with the dense backend one layer's S x S scores; under CP the gradients of the all-gathered
+    K and V.
 ``output head``
     The final norm and, at response positions only (``response_fraction`` x S), the selected hidden states
-    and the fp32 logits of the vocab-parallel cross entropy (V/TP columns, 4 bytes).
+    and the fp32 logits of the vocab-parallel cross entropy (V/TP columns; the kept softmax plus one fp32
+    copy, 8 bytes), for at most ``loss_chunk_tokens`` positions at a time (longer: chunks recomputed).
 ``fast weights``
     FocuSFT's per-document LoRA tensors (fp32, TP-sharded as in :mod:`megatron_focusft.fast_weights`):
     the current ones, their gradients and the updated copy during an inner update (3x).
@@ -88,6 +90,7 @@ class Workload:
     response_fraction: float = 0.15
     targets: tuple[str, ...] = ("gate", "up", "down")
     inner_graph: Literal["freed", "kept"] = "freed"
+    loss_chunk_tokens: int = 4096  # FocuSFTConfig.loss_chunk_tokens: response positions per output-layer chunk
 
     @property
     def uses_fast_weights(self) -> bool:
@@ -220,10 +223,17 @@ def layer_activation_terms(arch: Qwen2Arch, layout: Layout, work: Workload) -> d
     kv, a, t = arch.num_key_value_heads * d, arch.num_attention_heads, layout.tp
     sp = t if layout.sp else 1
     seq = work.seq_length  # keys each query sees (the whole sequence: CP all-gathers K/V)
-    terms = {
-        "rmsnorm x2 (fp32 input, rsqrt, normalised bf16, output)": 2 * (FP32 * h + FP32 + BF16 * h + BF16 * h) / sp,
-        "fused QKV output (V is a view of it)": BF16 * (h + 2 * kv) / t,
-        "RoPE: rotated Q, K": BF16 * (h + kv) / t,
+    norms = 2 * (FP32 * h + FP32 + BF16 * h + BF16 * h) / sp
+    terms = {"rmsnorm x2 (fp32 input, rsqrt, normalised bf16, output)": norms}
+    if layout.cp > 1:
+        # V is all-gathered, so no view keeps the local fused QKV output, and the local rotated K only feeds
+        # the all-gather; the kernel keeps the rotated local Q and the whole sequence's K and V (CP x local).
+        terms["RoPE: rotated Q"] = BF16 * h / t
+        terms["all-gathered K, V (the whole sequence, CP)"] = BF16 * 2 * kv / t * layout.cp
+    else:
+        terms["fused QKV output (V is a view of it)"] = BF16 * (h + 2 * kv) / t
+        terms["RoPE: rotated Q, K"] = BF16 * (h + kv) / t
+    terms |= {
         "RoPE cos/sin for Q and K": 4 * BF16 * d,
         "attention output O": BF16 * h / t,
         "SwiGLU: fc1 out, silu(gate), up + offset, fc2 input": BF16 * (2 * f + f + f + f) / t,
@@ -279,19 +289,24 @@ def activation_components(arch: Qwen2Arch, layout: Layout, work: Workload) -> li
         working += FP32 * arch.num_attention_heads / t * work.seq_length * tokens  # one layer's recomputed scores
     kv = arch.num_key_value_heads * arch.head_dim
     if layout.cp > 1:
-        working += 2 * BF16 * kv / t * work.seq_length * layout.micro_batch_size  # all-gathered K and V
+        # the gradients of the all-gathered K and V, before their reduce-scatter
+        working += 2 * BF16 * kv / t * work.seq_length * layout.micro_batch_size
     working_note = "grads of one layer's activations" + (" + its recomputation" if work.recompute == "full" else "")
     if layout.cp > 1:
-        working_note += " + all-gathered K, V (CP)"
+        working_note += " + grads of the all-gathered K, V (CP)"
 
     responses = math.ceil(work.response_fraction * tokens)
+    logit_rows = min(responses, work.loss_chunk_tokens)  # longer: chunks, each recomputed in backward
     head = (FP32 * h + FP32 + BF16 * h + BF16 * h) / sp * tokens  # final norm (as in a layer)
     head += BF16 * h * responses  # selected hidden states (output layer's input)
-    head += FP32 * arch.padded_vocab_size / t * responses  # fp32 softmax kept by the vocab-parallel CE
+    # the fp32 softmax the vocab-parallel CE keeps + one more fp32 copy (forward: the max-shifted logits;
+    # backward: their gradient)
+    head += 2 * FP32 * arch.padded_vocab_size / t * logit_rows
+    head_note = f"final norm; fp32 logits x2 at {logit_rows} of {responses} response positions at a time, V/TP"
     comps = [
         Component("activations", round(graph), notes),
         Component("activation working set", round(working), working_note),
-        Component("output head", round(head), f"final norm; logits fp32 at {responses} response positions, V/TP"),
+        Component("output head", round(head), head_note),
     ]
     if work.attention_backend == "dense":
         # one S x S bool mask per micro-batch (shared by every layer and pass)

@@ -66,8 +66,13 @@ def test_tensor_and_sequence_parallelism_halve_activations():
     one = _act(seq_length=8192)
     assert _act(layout=mp.Layout(tp=2, sequence_parallel=True), seq_length=8192) == pytest.approx(one / 2, rel=0.01)
     assert _act(layout=mp.Layout(tp=2), seq_length=8192) > 0.55 * one  # without SP the norms are replicated
-    # CP splits the sequence (the all-gathered K/V are in the working set)
-    assert _act(layout=mp.Layout(cp=2), seq_length=8192) == pytest.approx(one / 2, rel=1e-6)
+    # CP=2 halves the tokens of every layer, but each layer then keeps the whole sequence's K and V
+    # (all-gathered, 2 kv x CP per local token) instead of the local fused QKV output (h + 2 kv) and
+    # rotated K (kv); Q is rotated either way (h).
+    h, kv = QWEN7B.hidden_size, QWEN7B.num_key_value_heads * QWEN7B.head_dim
+    per_token_change = 2 * ((h + 2 * kv * 2) - ((h + 2 * kv) + (h + kv)))  # bf16
+    want = one / 2 + QWEN7B.num_layers * 4096 * per_token_change
+    assert _act(layout=mp.Layout(cp=2), seq_length=8192) == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["flex", "dense"])
