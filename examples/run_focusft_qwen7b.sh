@@ -102,9 +102,9 @@ DRY_RUN=${DRY_RUN:-0}
 # --------------------------------------------------------------------------------------------- scale
 # Parallel layout for Qwen2.5-7B on 80 GB GPUs, per context length. Memory plan (tools/memory_plan.py,
 # predicted GiB per GPU for FocuSFT, bf16, distributed optimizer; details in BENCHMARKS.md):
-#   4k:   TP=2, SP, no recompute          52.3 GiB   (1 node)
-#   32k:  TP=4, CP=2, SP, selective       51.5 GiB   (2 nodes)
-#   128k: TP=4, CP=8, SP, selective       48.8 GiB   (4 nodes; TP=8 cannot split the 4 KV heads of 7B)
+#   4k:   TP=2, SP, no recompute          52.5 GiB   (1 node)
+#   32k:  TP=4, CP=2, SP, selective       51.2 GiB   (2 nodes)
+#   128k: TP=4, CP=8, SP, selective       49.9 GiB   (4 nodes; TP=8 cannot split the 4 KV heads of 7B)
 SCALE=${SCALE:-4k}
 case "${SCALE,,}" in
     4k)  # the paper's setting
