@@ -1,7 +1,11 @@
 """Packaging for megatron-focusft.
 
 Dependency ranges are pinned to what the code is tested against: megatron-core 0.16.1 is the newest that
-installs on Python 3.11 and the GPTModel / layer-spec API is unchanged up to 0.19.x.
+installs on Python 3.11; the GPTModel / layer-spec API we use still works up to 0.19.x (0.17-0.19 need
+Python 3.12).  From 0.18 on, ``import megatron.core`` imports triton unconditionally (MoE paged-stash
+kernels reached from megatron.core.distributed) without declaring it; PyPI's Linux x86_64 torch wheel
+brings triton, CPU-only torch builds do not, so it is required where such a megatron-core installs (Python
+3.12, Linux x86_64).
 """
 
 from setuptools import find_packages, setup
@@ -18,6 +22,8 @@ setup(
         # FlexAttention (BlockMask.seq_lengths: 2.6), its CPU forward, and torch.distributed gloo are needed.
         "torch>=2.6",
         "megatron-core>=0.16.1,<0.20",
+        # megatron-core >= 0.18 (Python 3.12) imports triton at import time (see above); it needs no GPU.
+        "triton; python_version >= '3.12' and sys_platform == 'linux' and platform_machine == 'x86_64'",
         # Reference models for the differential tests and the HF side of the converters.
         "transformers>=4.45,<6",
         "safetensors>=0.4",

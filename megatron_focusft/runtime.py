@@ -73,6 +73,9 @@ def apply_cpu_shim() -> None:
         def wait_stream(self, _stream: object) -> None:
             return None
 
+        def wait_event(self, _event: object) -> None:  # megatron-core >= 0.19's grad sync
+            return None
+
         def synchronize(self) -> None:
             return None
 

@@ -10,6 +10,7 @@ DenseAttention's ``is_causal`` would align it to the top left.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -93,16 +94,27 @@ def megatron_greedy(
         logits = logits[0, -1, :vocab_size]  # gathered over TP ranks by the output layer
         return int(torch.argmax(logits))
 
-    for a in range(0, len(prompt), step):
-        nxt = forward(prompt[a : a + step])
-    ctx.enable_decode_mode()
-    out: list[int] = []
-    eos = set(int(e) for e in eos_ids)
-    while True:
-        out.append(nxt)
-        if nxt in eos or len(out) >= max_new_tokens:
-            return out
-        nxt = forward([nxt])
+    with _inference_mode():
+        for a in range(0, len(prompt), step):
+            nxt = forward(prompt[a : a + step])
+        ctx.enable_decode_mode()
+        out: list[int] = []
+        eos = set(int(e) for e in eos_ids)
+        while True:
+            out.append(nxt)
+            if nxt in eos or len(out) >= max_new_tokens:
+                return out
+            nxt = forward([nxt])
+
+
+def _inference_mode():
+    """Megatron's process-wide inference flag (megatron-core >= 0.18), under which GPTModel computes the
+    logits of the last token only.  Older releases infer it from ``inference_context`` (nothing to set)."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        return contextlib.nullcontext()
+    return InferenceMode.active()
 
 
 @torch.no_grad()

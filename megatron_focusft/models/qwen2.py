@@ -8,6 +8,7 @@ model (the core attention, the fast-weight linears) is injected through those sp
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -265,13 +266,19 @@ def layer_spec(
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=mlp_linear_fc1, linear_fc2=mlp_linear_fc2),
-            ),
+            mlp=_mlp_spec(MLPSubmodules(linear_fc1=mlp_linear_fc1, linear_fc2=mlp_linear_fc2)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def _mlp_spec(submodules: MLPSubmodules) -> Callable[..., Any] | ModuleSpec:
+    """The layer's ``mlp`` entry.  megatron-core >= 0.18 builds a dense MLP through the
+    ``MLP.as_mlp_submodule`` builder (a ``ModuleSpec(module=MLP)`` still works there, but is re-wrapped
+    with a warning for every layer); older releases take the ``ModuleSpec``."""
+    if hasattr(MLP, "as_mlp_submodule"):
+        return functools.partial(MLP.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)
 
 
 def block_spec(
