@@ -142,3 +142,61 @@ def test_failure_inside_the_write_leaves_no_partial_folder(tmp_path):
             (tmp / "half-written").write_text("x")
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def hf_tied(tmp_path_factory) -> Path:
+    """A single-file fp32 HF checkpoint with tied embeddings (as Qwen2.5-0.5B/1.5B/3B)."""
+    d = tmp_path_factory.mktemp("hf-tied")
+    make_random_hf_checkpoint(gqa_arch(3, tied=True), d, seed=5)
+    assert "lm_head.weight" not in _tensors(d)
+    return d
+
+
+def _with_lm_head(tmp_path: Path, hf_tied: Path, how: str) -> Path:
+    """A copy of ``hf_tied`` that also stores ``lm_head.weight``: a copy of the embedding ("equal", in the
+    same file; "equal-sharded", in a second shard named by an index), or a different tensor ("different")."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / f"tied-{how}"
+    shutil.copytree(hf_tied, d)
+    tensors = load_file(d / "model.safetensors")
+    head = tensors["model.embed_tokens.weight"].clone()
+    if how == "different":
+        head[3, 5] = torch.nextafter(head[3, 5], torch.tensor(1.0))  # one ulp apart in one element
+    if how == "equal-sharded":
+        save_file({"lm_head.weight": head}, d / "extra.safetensors", metadata={"format": "pt"})
+        weight_map = {name: "model.safetensors" for name in tensors} | {"lm_head.weight": "extra.safetensors"}
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        save_file({**tensors, "lm_head.weight": head}, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("how", ["equal", "equal-sharded"])
+def test_tied_checkpoint_with_an_identical_lm_head_converts(hf_tied, tmp_path, capsys, how):
+    src = _with_lm_head(tmp_path, hf_tied, how)
+    mg, back = tmp_path / "mg", tmp_path / "back"
+    rc = convert_hf_to_megatron.main(
+        ["--hf-dir", str(src), "--out", str(mg), "--dtype", "fp32", "--verify", "--no-progress"]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    assert "argmax identical: True -> OK" in out.out
+    assert convert_megatron_to_hf.main(["--ckpt", str(mg), "--out", str(back), "--no-progress"]) == 0
+    ref, ours = _tensors(hf_tied), _tensors(back)
+    assert sorted(ours) == sorted(ref)  # the tied export stores the embedding once
+    assert all(torch.equal(ours[name], ref[name]) for name in ref)
+
+
+def test_tied_checkpoint_with_a_different_lm_head_is_refused(hf_tied, tmp_path, capsys):
+    src = _with_lm_head(tmp_path, hf_tied, "different")
+    out = tmp_path / "out"
+    rc = convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert f"{src / 'model.safetensors'}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight'" in err
+    assert "tie_word_embeddings=true" in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
