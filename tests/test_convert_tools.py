@@ -200,3 +200,52 @@ def test_tied_checkpoint_with_a_different_lm_head_is_refused(hf_tied, tmp_path, 
     assert f"{src / 'model.safetensors'}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight'" in err
     assert "tie_word_embeddings=true" in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+# ---- special-token ids: kept from the source config.json through conversion, training and export -------
+
+# A base model ends with <|endoftext|>; an Instruct model with <|im_end|> (and here also names a pad id).
+BASE_IDS = {"bos_token_id": 151643, "eos_token_id": 151643}
+INSTRUCT_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
+
+
+def _hf_with_ids(root: Path, ids: dict) -> Path:
+    """A tiny fp32 HF checkpoint whose config.json carries ``ids`` (and none of the other token-id keys)."""
+    d = make_random_hf_checkpoint(gqa_arch(1, tied=False, vocab_size=300), root, seed=11)
+    cfg = {k: v for k, v in json.loads((d / "config.json").read_text()).items() if not k.endswith("_token_id")}
+    (d / "config.json").write_text(json.dumps({**cfg, **ids}))
+    return d
+
+
+def _token_ids(config_path: Path) -> dict:
+    return {k: v for k, v in json.loads(config_path.read_text()).items() if k.endswith("_token_id")}
+
+
+@pytest.mark.parametrize("ids", [BASE_IDS, INSTRUCT_IDS], ids=["base", "instruct"])
+def test_round_trip_keeps_the_source_token_ids(tmp_path, ids):
+    src, mg, back = _hf_with_ids(tmp_path / "hf", ids), tmp_path / "mg", tmp_path / "back"
+    assert (
+        convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(mg), "--dtype", "fp32", "--no-progress"]) == 0
+    )
+    hf_config = json.loads((mg / "focusft_checkpoint.json").read_text())["hf_config"]
+    assert {k: v for k, v in hf_config.items() if k.endswith("_token_id")} == ids  # kept in the metadata
+    assert convert_megatron_to_hf.main(["--ckpt", str(mg), "--out", str(back), "--no-progress"]) == 0
+    assert _token_ids(back / "config.json") == ids
+
+
+def test_metadata_written_before_token_ids_were_kept_still_exports(tmp_path):
+    """An older focusft_checkpoint.json (its hf_config from ``to_hf_config`` without ids: none at a tiny
+    vocabulary) reads and exports as before."""
+    from megatron_focusft.convert.megatron_io import META_FILE, CheckpointMeta
+
+    src, mg, back = _hf_with_ids(tmp_path / "hf", BASE_IDS), tmp_path / "mg", tmp_path / "back"
+    assert (
+        convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(mg), "--dtype", "fp32", "--no-progress"]) == 0
+    )
+    raw = json.loads((mg / META_FILE).read_text())
+    arch = CheckpointMeta.read(mg).arch
+    (mg / META_FILE).write_text(json.dumps({**raw, "hf_config": arch.to_hf_config("float32")}))
+    assert CheckpointMeta.read(mg).token_ids == {}
+    assert convert_megatron_to_hf.main(["--ckpt", str(mg), "--out", str(back), "--no-progress"]) == 0
+    assert _token_ids(back / "config.json") == {}
+    assert torch.equal(_tensors(back)["lm_head.weight"], _tensors(src)["lm_head.weight"])
