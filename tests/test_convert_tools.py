@@ -249,3 +249,25 @@ def test_metadata_written_before_token_ids_were_kept_still_exports(tmp_path):
     assert convert_megatron_to_hf.main(["--ckpt", str(mg), "--out", str(back), "--no-progress"]) == 0
     assert _token_ids(back / "config.json") == {}
     assert torch.equal(_tensors(back)["lm_head.weight"], _tensors(src)["lm_head.weight"])
+
+
+def test_training_checkpoints_carry_the_pretrained_token_ids(tmp_path):
+    """tools/train.py from a converted base model: its checkpoints (converted later) and its --export-hf
+    keep the base model's eos id."""
+    from megatron_focusft import runtime
+    from megatron_focusft.training import loop
+    from tests.training_fixtures import tiny_dataset
+
+    src, mg = _hf_with_ids(tmp_path / "hf", BASE_IDS), tmp_path / "mg"
+    assert (
+        convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(mg), "--dtype", "fp32", "--no-progress"]) == 0
+    )
+    data = tiny_dataset(tmp_path / "data" / "train", num_docs=8)
+    save, export = tmp_path / "run", tmp_path / "run-hf"
+    argv = ["--pretrained-checkpoint", str(mg), "--data-path", data, "--device", "cpu", "--train-iters", "1"]
+    argv += ["--global-batch-size", "1", "--focusft-lora-rank", "4", "--save", str(save), "--export-hf", str(export)]
+    assert runtime.launch_cpu_processes(loop.main, 1, args=(argv,)) == 0
+    assert _token_ids(export / "config.json") == BASE_IDS
+    back = tmp_path / "back"
+    assert convert_megatron_to_hf.main(["--ckpt", str(save), "--out", str(back), "--no-progress"]) == 0
+    assert _token_ids(back / "config.json") == BASE_IDS
