@@ -142,3 +142,132 @@ def test_failure_inside_the_write_leaves_no_partial_folder(tmp_path):
             (tmp / "half-written").write_text("x")
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def hf_tied(tmp_path_factory) -> Path:
+    """A single-file fp32 HF checkpoint with tied embeddings (as Qwen2.5-0.5B/1.5B/3B)."""
+    d = tmp_path_factory.mktemp("hf-tied")
+    make_random_hf_checkpoint(gqa_arch(3, tied=True), d, seed=5)
+    assert "lm_head.weight" not in _tensors(d)
+    return d
+
+
+def _with_lm_head(tmp_path: Path, hf_tied: Path, how: str) -> Path:
+    """A copy of ``hf_tied`` that also stores ``lm_head.weight``: a copy of the embedding ("equal", in the
+    same file; "equal-sharded", in a second shard named by an index), or a different tensor ("different")."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / f"tied-{how}"
+    shutil.copytree(hf_tied, d)
+    tensors = load_file(d / "model.safetensors")
+    head = tensors["model.embed_tokens.weight"].clone()
+    if how == "different":
+        head[3, 5] = torch.nextafter(head[3, 5], torch.tensor(1.0))  # one ulp apart in one element
+    if how == "equal-sharded":
+        save_file({"lm_head.weight": head}, d / "extra.safetensors", metadata={"format": "pt"})
+        weight_map = {name: "model.safetensors" for name in tensors} | {"lm_head.weight": "extra.safetensors"}
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        save_file({**tensors, "lm_head.weight": head}, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("how", ["equal", "equal-sharded"])
+def test_tied_checkpoint_with_an_identical_lm_head_converts(hf_tied, tmp_path, capsys, how):
+    src = _with_lm_head(tmp_path, hf_tied, how)
+    mg, back = tmp_path / "mg", tmp_path / "back"
+    rc = convert_hf_to_megatron.main(
+        ["--hf-dir", str(src), "--out", str(mg), "--dtype", "fp32", "--verify", "--no-progress"]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    assert "argmax identical: True -> OK" in out.out
+    assert convert_megatron_to_hf.main(["--ckpt", str(mg), "--out", str(back), "--no-progress"]) == 0
+    ref, ours = _tensors(hf_tied), _tensors(back)
+    assert sorted(ours) == sorted(ref)  # the tied export stores the embedding once
+    assert all(torch.equal(ours[name], ref[name]) for name in ref)
+
+
+def test_tied_checkpoint_with_a_different_lm_head_is_refused(hf_tied, tmp_path, capsys):
+    src = _with_lm_head(tmp_path, hf_tied, "different")
+    out = tmp_path / "out"
+    rc = convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert f"{src / 'model.safetensors'}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight'" in err
+    assert "tie_word_embeddings=true" in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+# ---- special-token ids: kept from the source config.json through conversion, training and export -------
+
+# A base model ends with <|endoftext|>; an Instruct model with <|im_end|> (and here also names a pad id).
+BASE_IDS = {"bos_token_id": 151643, "eos_token_id": 151643}
+INSTRUCT_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
+
+
+def _hf_with_ids(root: Path, ids: dict) -> Path:
+    """A tiny fp32 HF checkpoint whose config.json carries ``ids`` (and none of the other token-id keys)."""
+    d = make_random_hf_checkpoint(gqa_arch(1, tied=False, vocab_size=300), root, seed=11)
+    cfg = {k: v for k, v in json.loads((d / "config.json").read_text()).items() if not k.endswith("_token_id")}
+    (d / "config.json").write_text(json.dumps({**cfg, **ids}))
+    return d
+
+
+def _token_ids(config_path: Path) -> dict:
+    return {k: v for k, v in json.loads(config_path.read_text()).items() if k.endswith("_token_id")}
+
+
+@pytest.mark.parametrize("ids", [BASE_IDS, INSTRUCT_IDS], ids=["base", "instruct"])
+def test_round_trip_keeps_the_source_token_ids(tmp_path, ids):
+    src, mg, back = _hf_with_ids(tmp_path / "hf", ids), tmp_path / "mg", tmp_path / "back"
+    assert (
+        convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(mg), "--dtype", "fp32", "--no-progress"]) == 0
+    )
+    hf_config = json.loads((mg / "focusft_checkpoint.json").read_text())["hf_config"]
+    assert {k: v for k, v in hf_config.items() if k.endswith("_token_id")} == ids  # kept in the metadata
+    assert convert_megatron_to_hf.main(["--ckpt", str(mg), "--out", str(back), "--no-progress"]) == 0
+    assert _token_ids(back / "config.json") == ids
+
+
+def test_metadata_written_before_token_ids_were_kept_still_exports(tmp_path):
+    """An older focusft_checkpoint.json (its hf_config from ``to_hf_config`` without ids: none at a tiny
+    vocabulary) reads and exports as before."""
+    from megatron_focusft.convert.megatron_io import META_FILE, CheckpointMeta
+
+    src, mg, back = _hf_with_ids(tmp_path / "hf", BASE_IDS), tmp_path / "mg", tmp_path / "back"
+    assert (
+        convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(mg), "--dtype", "fp32", "--no-progress"]) == 0
+    )
+    raw = json.loads((mg / META_FILE).read_text())
+    arch = CheckpointMeta.read(mg).arch
+    (mg / META_FILE).write_text(json.dumps({**raw, "hf_config": arch.to_hf_config("float32")}))
+    assert CheckpointMeta.read(mg).token_ids == {}
+    assert convert_megatron_to_hf.main(["--ckpt", str(mg), "--out", str(back), "--no-progress"]) == 0
+    assert _token_ids(back / "config.json") == {}
+    assert torch.equal(_tensors(back)["lm_head.weight"], _tensors(src)["lm_head.weight"])
+
+
+def test_training_checkpoints_carry_the_pretrained_token_ids(tmp_path):
+    """tools/train.py from a converted base model: its checkpoints (converted later) and its --export-hf
+    keep the base model's eos id."""
+    from megatron_focusft import runtime
+    from megatron_focusft.training import loop
+    from tests.training_fixtures import tiny_dataset
+
+    src, mg = _hf_with_ids(tmp_path / "hf", BASE_IDS), tmp_path / "mg"
+    assert (
+        convert_hf_to_megatron.main(["--hf-dir", str(src), "--out", str(mg), "--dtype", "fp32", "--no-progress"]) == 0
+    )
+    data = tiny_dataset(tmp_path / "data" / "train", num_docs=8)
+    save, export = tmp_path / "run", tmp_path / "run-hf"
+    argv = ["--pretrained-checkpoint", str(mg), "--data-path", data, "--device", "cpu", "--train-iters", "1"]
+    argv += ["--global-batch-size", "1", "--focusft-lora-rank", "4", "--save", str(save), "--export-hf", str(export)]
+    assert runtime.launch_cpu_processes(loop.main, 1, args=(argv,)) == 0
+    assert _token_ids(export / "config.json") == BASE_IDS
+    back = tmp_path / "back"
+    assert convert_megatron_to_hf.main(["--ckpt", str(save), "--out", str(back), "--no-progress"]) == 0
+    assert _token_ids(back / "config.json") == BASE_IDS

@@ -74,3 +74,16 @@ def test_tp_shards_line_up_with_megatron_local_layouts():
     w = torch.arange(12.0).reshape(3, 4)
     assert torch.equal(layout.tp_shard("x.linear_fc2.weight", w, 1, 1, 2), w[:, 2:])
     assert torch.equal(layout.tp_shard("x.input_layernorm.weight", w, None, 1, 2), w)
+
+
+def test_hf_config_token_ids_are_written_as_given():
+    arch = qwen2.get_preset("qwen2.5-0.5b")
+    base = {"bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": None}
+    assert qwen2.hf_token_ids(base) == {"bos_token_id": 151643, "eos_token_id": 151643}  # null is no id
+    cfg = arch.to_hf_config(token_ids=qwen2.hf_token_ids(base))
+    assert (cfg["eos_token_id"], "pad_token_id" in cfg) == (151643, False)
+    assert arch.to_hf_config(token_ids={"eos_token_id": [151645, 151643]})["eos_token_id"] == [151645, 151643]
+    assert not {"bos_token_id", "eos_token_id"} & set(arch.to_hf_config(token_ids={}))
+    # No source config (a preset): the Instruct models' ids, where the vocabulary has them.
+    assert (arch.to_hf_config()["bos_token_id"], arch.to_hf_config()["eos_token_id"]) == (151643, 151645)
+    assert "eos_token_id" not in qwen2.tiny_arch().to_hf_config()

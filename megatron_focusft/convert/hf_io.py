@@ -36,6 +36,12 @@ TOKENIZER_FILES = (
 )
 # Buffers some exporters write that carry no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_EMBED, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of ``t`` (NaN == NaN, -0.0 != 0.0: a bit-for-bit comparison)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 class HFCheckpointReader:
@@ -70,6 +76,8 @@ class HFCheckpointReader:
                 if k not in self._entries:
                     raise ConfigError(f"{self.dir / f}: tensor {k!r} listed in {SAFETENSORS_INDEX} is missing")
         expected = set(hf_names(arch))
+        if arch.tie_word_embeddings and _LM_HEAD in self._entries:
+            self._check_redundant_lm_head()
         unexpected = [k for k in self._entries if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
         if unexpected:
             raise ConfigError(
@@ -87,6 +95,27 @@ class HFCheckpointReader:
                 raise ConfigError(
                     f"{path}: tensor {name!r} has shape {entry.shape}, config.json implies {expected_shape}"
                 )
+
+    def _check_redundant_lm_head(self) -> None:
+        """A tied checkpoint may still store ``lm_head.weight`` (some exporters write the shared tensor twice):
+        accept it, and drop it, only if it is bit-identical to the embedding; a tied model cannot hold a
+        different output head, so anything else is an error naming the file."""
+        path, entry = self._entries[_LM_HEAD]
+        if _EMBED not in self._entries:
+            return  # reported below as a missing embedding
+        embed_entry = self._entries[_EMBED][1]
+        if (entry.dtype, entry.shape) != (embed_entry.dtype, embed_entry.shape):
+            why = f"{entry.dtype} {entry.shape} vs {embed_entry.dtype} {embed_entry.shape}"
+        elif not torch.equal(_bits(self.get(_LM_HEAD)), _bits(self.get(_EMBED))):
+            why = "different values"
+        else:
+            del self._entries[_LM_HEAD]
+            return
+        raise ConfigError(
+            f"{path}: tensor {_LM_HEAD!r} differs from {_EMBED!r} ({why}), but config.json says "
+            "tie_word_embeddings=true: a tied model has no separate output head (set tie_word_embeddings=false "
+            f"if this head is meant to be used, or remove {_LM_HEAD!r})"
+        )
 
     def get(self, name: str) -> torch.Tensor:
         path, entry = self._entries[name]

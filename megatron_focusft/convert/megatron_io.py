@@ -19,8 +19,9 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,7 @@ from megatron_focusft.convert.layout import (
     tp_shard,
     tp_unshard,
 )
-from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model, tp_partition_dim
+from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model, hf_token_ids, tp_partition_dim
 
 META_FILE = "focusft_checkpoint.json"
 LATEST_FILE = "latest"
@@ -47,16 +48,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class CheckpointMeta:
+    """What ``focusft_checkpoint.json`` says.  ``token_ids`` are the source config's bos/eos/pad ids
+    (:func:`~megatron_focusft.models.qwen2.hf_token_ids`), stored in its ``hf_config`` and written back on
+    export; None (a model of no source checkpoint) means the defaults of ``Qwen2Arch.to_hf_config``.
+    Metadata written before the ids were kept reads back the ids its ``hf_config`` held (those defaults)."""
+
     arch: Qwen2Arch
     dtype: torch.dtype
     iteration: int = 0
+    token_ids: dict[str, Any] | None = field(default=None, hash=False)
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "format": "megatron_focusft",
                 "version": FORMAT_VERSION,
-                "hf_config": self.arch.to_hf_config(str(self.dtype).removeprefix("torch.")),
+                "hf_config": self.arch.to_hf_config(str(self.dtype).removeprefix("torch."), self.token_ids),
                 "padded_vocab_size": self.arch.padded_vocab_size,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "iteration": self.iteration,
@@ -73,8 +80,9 @@ class CheckpointMeta:
                 arch=Qwen2Arch.from_hf_config(raw["hf_config"], source=str(path)),
                 dtype=getattr(torch, raw["dtype"]),
                 iteration=int(raw.get("iteration", 0)),
+                token_ids=hf_token_ids(raw["hf_config"]),
             )
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ConfigError(f"{path}: unreadable checkpoint metadata ({e!r})") from None
 
 
@@ -209,9 +217,11 @@ def export_hf(
     tokenizer_dir: Path | None,
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = False,
+    token_ids: dict[str, Any] | None = None,
 ) -> None:
-    """Write a (possibly TP-split) model as a Hugging Face folder: safetensors shards + index, config.json,
-    tokenizer files.  Collective; rank 0 writes, tensor by tensor."""
+    """Write a (possibly TP-split) model as a Hugging Face folder: safetensors shards + index, config.json
+    (with ``token_ids``, the checkpoint's ``CheckpointMeta.token_ids``), tokenizer files.  Collective; rank 0
+    writes, tensor by tensor."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     with atomic_output_dir(Path(out_dir)) as tmp:
         plan = [(n, dtype, hf_shape(n, arch)) for _, sources in megatron_sources(arch) for n in sources]
@@ -228,6 +238,8 @@ def export_hf(
                 writer.add(name, tensor.to(dtype))
         if writer is not None:
             writer.close()
-            (tmp / "config.json").write_text(json.dumps(arch.to_hf_config(str(dtype).removeprefix("torch.")), indent=2))
+            (tmp / "config.json").write_text(
+                json.dumps(arch.to_hf_config(str(dtype).removeprefix("torch."), token_ids), indent=2)
+            )
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
                 copy_tokenizer_files(tokenizer_dir, tmp)

@@ -23,7 +23,7 @@ from megatron_focusft.convert.megatron_io import (
     load_checkpoint_model,
     save_model,
 )
-from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model
+from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model, hf_token_ids, read_hf_config
 
 
 def check_hf_to_megatron(hf_dir: Path, out_dir: Path, tp: int) -> Qwen2Arch:
@@ -39,14 +39,15 @@ def check_hf_to_megatron(hf_dir: Path, out_dir: Path, tp: int) -> Qwen2Arch:
 def hf_to_megatron(hf_dir: Path, out_dir: Path, dtype: torch.dtype, progress: bool = True) -> None:
     """Convert a HF Qwen2 folder into a megatron_focusft checkpoint (collective over the TP group)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    arch = Qwen2Arch.from_hf_dir(hf_dir)
+    config = read_hf_config(hf_dir)
+    arch = Qwen2Arch.from_hf_config(config, source=str(hf_dir / "config.json"))
     arch.check_tensor_parallel(parallel_state.get_tensor_model_parallel_world_size())
     reader = HFCheckpointReader(hf_dir, arch)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     model = build_model(arch, DenseAttention, params_dtype=dtype, perform_initialization=False)
     fill_from_hf(model, reader, dtype, progress=progress and rank0)
     with atomic_output_dir(out_dir) as tmp:
-        save_model(model, tmp, CheckpointMeta(arch, dtype))
+        save_model(model, tmp, CheckpointMeta(arch, dtype, token_ids=hf_token_ids(config)))
         if rank0:
             copy_tokenizer_files(hf_dir, tmp / "tokenizer")
 
@@ -68,6 +69,7 @@ def megatron_to_hf(
         ckpt_dir / "tokenizer",
         max_shard_bytes,
         progress,
+        meta.token_ids,
     )
 
 

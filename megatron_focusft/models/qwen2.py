@@ -44,6 +44,31 @@ class ConfigError(ValueError):
     """A model configuration or checkpoint that cannot describe a Qwen2 model (message names the cause)."""
 
 
+# The special-token ids of ``config.json`` that conversions carry from the source checkpoint to the export:
+# they are not architecture (a base model ends with <|endoftext|> 151643, an Instruct one with <|im_end|>
+# 151645), so they live in the checkpoint metadata (``CheckpointMeta.token_ids``), not in :class:`Qwen2Arch`.
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def hf_token_ids(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`TOKEN_ID_KEYS` that ``config`` sets (not null), as it sets them (an id or a list of ids)."""
+    return {k: config[k] for k in TOKEN_ID_KEYS if config.get(k) is not None}
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a Hugging Face folder as a dict; errors name the file."""
+    path = Path(hf_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (is {hf_dir} a Hugging Face checkpoint folder?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
+
+
 @dataclass(frozen=True)
 class Qwen2Arch:
     """The architecture numbers of a Qwen2 / Qwen2.5 checkpoint (what ``config.json`` says)."""
@@ -125,19 +150,17 @@ class Qwen2Arch:
 
     @classmethod
     def from_hf_dir(cls, hf_dir: str | Path) -> Qwen2Arch:
-        path = Path(hf_dir) / "config.json"
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file (is {hf_dir} a Hugging Face checkpoint folder?)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: unreadable ({e})") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_hf_config(config, source=str(path))
+        return cls.from_hf_config(read_hf_config(hf_dir), source=str(Path(hf_dir) / "config.json"))
 
-    def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-        """The ``config.json`` that ``transformers`` loads as ``Qwen2ForCausalLM``."""
+    def to_hf_config(self, torch_dtype: str = "bfloat16", token_ids: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The ``config.json`` that ``transformers`` loads as ``Qwen2ForCausalLM``.
+
+        ``token_ids`` (:func:`hf_token_ids` of the source config) are written as given; without them (a model
+        of no source checkpoint) an Instruct model's ids are assumed where the vocabulary has them.
+        """
+        if token_ids is None:
+            # Qwen2.5's <|endoftext|> / <|im_end|>, where the vocabulary has them (not in tiny test models).
+            token_ids = {"bos_token_id": 151643, "eos_token_id": 151645} if self.vocab_size > 151645 else {}
         return {
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
@@ -157,8 +180,7 @@ class Qwen2Arch:
             "use_sliding_window": False,
             "use_cache": True,
             "torch_dtype": torch_dtype,
-            # Qwen2.5's <|endoftext|> / <|im_end|>, where the vocabulary has them (not in tiny test models).
-            **({"bos_token_id": 151643, "eos_token_id": 151645} if self.vocab_size > 151645 else {}),
+            **{k: token_ids[k] for k in TOKEN_ID_KEYS if token_ids.get(k) is not None},
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import contextlib
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -151,7 +151,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     return Trainer(
         args=args,
         arch=arch,
-        meta=CheckpointMeta(arch, dtype),
+        meta=CheckpointMeta(arch, dtype, token_ids=meta.token_ids),  # the ids carry on from the pretrained model
         config=config,
         model=model,
         ddp=ddp,
@@ -294,7 +294,7 @@ def _save(t: Trainer) -> bool:
         t.model,
         t.optimizer,
         t.scheduler,
-        CheckpointMeta(t.arch, t.meta.dtype, t.state.iteration),
+        replace(t.meta, iteration=t.state.iteration),
         t.tokenizer_dir,
         t.args.keep_checkpoints,
         t.run,
@@ -350,7 +350,7 @@ def train(args: argparse.Namespace) -> int:
         if finished_before and Path(args.export_hf).exists():
             logger.message(f"the run was already finished and {args.export_hf} exists: export skipped")
         else:
-            export_hf(t.model, t.arch, t.meta.dtype, args.export_hf, t.tokenizer_dir)
+            export_hf(t.model, t.arch, t.meta.dtype, args.export_hf, t.tokenizer_dir, token_ids=t.meta.token_ids)
             logger.message(f"exported the model to {args.export_hf}")
     return finish(0)
 
