@@ -69,11 +69,37 @@ def test_scoring_rules():
     labels = ["kitchen", "garden", "office"]
     assert babilong_match("The kitchen.", "kitchen", labels, "Where is Mary?") == 1.0
     assert babilong_match("kitchen or garden", "kitchen", labels, "Where is Mary?") == 0.0  # listing all
-    assert babilong_match("garden\nkitchen", "kitchen", labels, "") == 0.0  # first line only
     # a label named in the question does not count against the answer
     assert babilong_match("It was in the garden, before the kitchen", "garden", labels, "before the kitchen?") == 1.0
     assert string_match_all("values: 12, 34", ["12", "34", "56", "78"]) == 0.5
     assert string_match_all("ABC abd", ["abc", "ABD"]) == 1.0
+
+
+def test_babilong_scoring_follows_the_official_metrics():
+    """Hand-written cases of booydar/babilong metrics.py (preprocess_output + compare_answers)."""
+    rooms = ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"]
+    q = "Where is the apple?"
+    # the first sentence, not the first line, is the answer
+    assert babilong_match("The apple is in the kitchen. Before that it was in the garden.", "kitchen", rooms, q) == 1
+    assert babilong_match("Kitchen. Mary went to the garden earlier.", "kitchen", rooms, q) == 1
+    assert babilong_match("garden\nkitchen", "kitchen", rooms, q) == 0  # one sentence naming two rooms
+    assert babilong_match("kitchen\nThe end", "kitchen", rooms, q) == 1
+    assert babilong_match("The garden. The kitchen.", "kitchen", rooms, q) == 0  # only the first sentence counts
+    # labels are matched as substrings
+    assert babilong_match("bedrooms", "bedroom", rooms, q) == 1
+    assert babilong_match("In the KITCHEN", "kitchen", rooms, q) == 1
+    # a model writing examples: cut at <context> / <example>
+    assert babilong_match("kitchen <context> the garden", "kitchen", rooms, q) == 1
+    assert babilong_match("kitchen <example> office", "kitchen", rooms, q) == 1
+    # labels in the question never count, neither for nor against
+    assert babilong_match("the kitchen", "kitchen", rooms, "Where was the apple before the kitchen?") == 0
+    assert babilong_match("office, after the hallway", "office", rooms, "Where was he after the hallway?") == 1
+    # several sub-targets (qa8): exactly those labels
+    objs = ["apple", "football", "milk", "nothing"]
+    assert babilong_match("milk and apple", "apple,milk", objs, "What is Mary carrying?") == 1
+    assert babilong_match("milk", "apple,milk", objs, "What is Mary carrying?") == 0
+    assert babilong_match("milk, apple, football", "apple,milk", objs, "What is Mary carrying?") == 0
+    assert babilong_match("", "kitchen", rooms, q) == 0
 
 
 def test_parse_length():
