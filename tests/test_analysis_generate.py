@@ -54,6 +54,32 @@ def test_megatron_kv_cache_decoding_equals_exported_hf_model(checkpoints, megatr
     assert ids[len(PROMPT) :] == want
 
 
+def test_hf_greedy_ignores_the_folders_generation_config(checkpoints, megatron_cpu, tmp_path):
+    """A generation_config.json with sampling and a repetition penalty (as Qwen2.5-Instruct ships) must not
+    change hf_greedy: it still equals the Megatron greedy decode and a plain argmax loop."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    ckpt, export = checkpoints
+    folder = tmp_path / "export"
+    shutil.copytree(export, folder)
+    cfg = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    cfg.update(max_new_tokens=3, bos_token_id=0, eos_token_id=[1])
+    (folder / "generation_config.json").write_text(json.dumps(cfg))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert hf.generation_config.repetition_penalty == 1.05  # the folder's config is loaded
+    want = _megatron_tokens(ckpt, [None])[0]
+    torch.manual_seed(0)
+    assert hf_greedy(hf, PROMPT, NEW) == want
+    ids = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(NEW):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert ids[len(PROMPT) :] == want
+
+
 def test_eos_stops_decoding(checkpoints, megatron_cpu):
     ckpt, _ = checkpoints
     model, arch = load_generation_model(ckpt)

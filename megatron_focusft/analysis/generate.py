@@ -105,16 +105,36 @@ def megatron_greedy(
         nxt = forward([nxt])
 
 
+def greedy_generation_config(max_new_tokens: int, eos_ids: Sequence[int] = ()):
+    """A ``transformers.GenerationConfig`` for plain greedy decoding that overrides whatever the model
+    folder's ``generation_config.json`` sets (Qwen2.5-Instruct: sampling, repetition_penalty 1.05, ...)."""
+    from transformers import GenerationConfig
+
+    eos = [int(e) for e in eos_ids]
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=eos or None,
+        pad_token_id=(eos or [0])[0],
+    )
+
+
 @torch.no_grad()
 def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy continuation with a ``transformers`` causal LM (its own KV cache)."""
+    """Greedy continuation with a ``transformers`` causal LM (its own KV cache).
+
+    An explicit :func:`greedy_generation_config` replaces the model's own generation config, so a folder's
+    ``generation_config.json`` (sampling, repetition penalty) cannot change the decoding."""
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=list(eos_ids) or None,
-        pad_token_id=(list(eos_ids) or [0])[0],
+        generation_config=greedy_generation_config(max_new_tokens, eos_ids),
     )
     return out[0, ids.shape[1] :].tolist()
