@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import pytest
 
@@ -106,3 +107,41 @@ def test_parse_length():
     assert [T.parse_length(x) for x in ("4k", "128K", "5000")] == [4096, 131072, 5000]
     with pytest.raises(ValueError):
         T.parse_length("4m")
+
+
+def _record(seen, ids, n):
+    seen.append((ids, n))
+    return []
+
+
+def test_ruler_prompts_end_with_rulers_answer_prefix():
+    """RULER's answer prefixes (RULER constants.py) start the assistant turn; the budgets stay RULER's."""
+    from megatron_focusft.analysis import evaluate as ev
+
+    want = {
+        "ruler_niah_mv": (" Answer: The special magic numbers for {q} mentioned in the provided text are", 128),
+        "ruler_cwe": (" Answer: The top 10 words that appear most often in the list are:", 120),
+        "ruler_vt": (
+            " Answer: According to the chain(s) of variable assignment in the text above, 5 variables are "
+            "assgined the value {q}, they are: ",
+            30,
+        ),
+    }
+    for task, (prefix, budget) in want.items():
+        s = T.generate_sample(task, 2048, 0, tok())
+        if task == "ruler_niah_mv":
+            prefix = prefix.format(q=re.search(r"numbers for (\S+) mentioned in the provided text\?$", s["input"])[1])
+        elif task == "ruler_vt":
+            prefix = prefix.format(q=re.search(r"the value (\d+) in the text above\.$", s["input"])[1])
+            assert len(s["outputs"]) == 5 and s["input"].count("VAR ") == 5 + 4  # one chain of 4 hops
+        assert s["answer_prefix"] == prefix
+        ids = ev.prompt_ids(tok(), s["input"], s["answer_prefix"])
+        assert tok().decode(ids).endswith(s["input"] + "<|im_end|>\n<|im_start|>assistant\n" + prefix)
+        assert ev.max_new_tokens_for(task) == budget
+        seen: list = []
+        results = ev.evaluate(functools.partial(_record, seen), [s], tok(), progress=False)
+        assert seen == [(ids, budget)] and results[0]["prediction"] == ""
+        assert T.score_sample(s, T.oracle_answer(s)) == 1.0 and T.score_sample(s, prefix) == 0.0
+    b = T.generate_sample("babilong_qa1", 2048, 0, tok())
+    assert b["answer_prefix"] == "" and ev.max_new_tokens_for("babilong_qa1") == 16
+    assert tok().decode(ev.prompt_ids(tok(), b["input"])).endswith("<|im_start|>assistant\n")

@@ -4,7 +4,7 @@
 :func:`~megatron_focusft.analysis.generate.megatron_greedy` or
 :func:`~megatron_focusft.analysis.generate.hf_greedy` bound to a model.  Prompts are one user turn
 rendered with the checkpoint's chat template (the built-in Qwen2.5 renderer when it has none) followed by
-the assistant header.
+the assistant header and the task's answer prefix (RULER tasks).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def max_new_tokens_for(task: str) -> int:
     return MAX_NEW_TOKENS.get(task, MAX_NEW_TOKENS["babilong"] if task.startswith("babilong") else 64)
 
 
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` as a user turn plus the assistant header, in the checkpoint's chat format."""
+def prompt_ids(tokenizer, text: str, answer_prefix: str = "") -> list[int]:
+    """Token ids of ``text`` as a user turn plus the assistant header, in the checkpoint's chat format,
+    followed by ``answer_prefix`` (RULER's per-task start of the answer; the model continues it)."""
     from megatron_focusft.data.chat import Qwen25Renderer, TemplateRenderer, make_renderer
 
     renderer = make_renderer(tokenizer)
@@ -36,7 +37,7 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     else:
         assert isinstance(renderer, Qwen25Renderer)
         rendered = "".join(s.text for s in renderer.render(messages, None)) + "<|im_start|>assistant\n"
-    return tokenizer.encode(rendered)
+    return tokenizer.encode(rendered + answer_prefix)
 
 
 def eos_ids(tokenizer) -> list[int]:
@@ -66,7 +67,7 @@ def evaluate(
     """Decode every sample and score it; one result dict per sample (prediction, score, sizes)."""
     results = []
     for s in tqdm(samples, desc="evaluate", unit="sample", disable=not progress):
-        ids = fold(prompt_ids(tokenizer, s["input"]), vocab_size)
+        ids = fold(prompt_ids(tokenizer, s["input"], s.get("answer_prefix", "")), vocab_size)
         new = decode(ids, max_new_tokens or max_new_tokens_for(s["task"]))
         stop = set(eos_ids(tokenizer))
         text = tokenizer.decode([t for t in new if t not in stop])

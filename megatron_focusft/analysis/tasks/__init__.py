@@ -3,7 +3,8 @@
 Task names: ``babilong_qa1`` .. ``babilong_qa5``, ``ruler_niah_mv``, ``ruler_cwe``, ``ruler_vt``.  A sample::
 
     {"task", "index", "seed", "length" (requested tokens), "num_tokens" (measured), "input" (the prompt),
-     "outputs" (reference answers), "metric" ("babilong" | "ruler"), "labels"/"question" (BABILong)}
+     "outputs" (reference answers), "metric" ("babilong" | "ruler"), "labels"/"question" (BABILong),
+     "answer_prefix" (RULER's start of the assistant turn; "" for BABILong)}
 
 Lengths are measured with the tokenizer of the model under test (``tokenizer.encode``) on ``input`` (the
 chat template adds a few tokens on top).  The haystack is the built-in generated filler or the sentences of
@@ -63,11 +64,12 @@ def generate_sample(
             labels=list(labels),
             question=question,
             facts=facts,
+            answer_prefix="",
         )
     else:
-        render, outputs, unit = ruler.GENERATORS[task.removeprefix("ruler_")](rng, take, length)
+        render, outputs, unit, prefix = ruler.GENERATORS[task.removeprefix("ruler_")](rng, take, length)
         text, n = fit_length(render, count, length, unit_tokens=unit)
-        sample.update(input=text, outputs=list(outputs), metric="ruler")
+        sample.update(input=text, outputs=list(outputs), metric="ruler", answer_prefix=prefix)
     sample["num_tokens"] = n
     return sample
 
