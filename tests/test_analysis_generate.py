@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -95,3 +97,32 @@ def test_tp2_decoding_equals_tp1(checkpoints, megatron_cpu):
     want = _megatron_tokens(ckpt, [None])[0]
     got = run_distributed(_megatron_tokens, world_size=2, tp=2, args=(ckpt, [None, 8]))
     assert got == [want, want]
+
+
+@pytest.mark.parametrize("sq,sk,hq,hk", [(5, 13, 4, 2), (1, 9, 6, 2), (7, 7, 4, 4), (3, 11, 4, 1)])
+def test_lower_right_causal_attention_is_mask_free_and_exact(sq, sk, hq, hk, monkeypatch):
+    """The cached-prefill attention equals a float64 softmax with an explicit bottom-right causal mask, and
+    never hands SDPA a tensor mask (the math backend's S_chunk x S x heads fp32 scores) or enable_gqa."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import CausalBias
+
+    from megatron_focusft.analysis import generate as G
+
+    g = torch.Generator().manual_seed(sq * 100 + sk)
+    q, k, v = (torch.randn(2, h, s, 8, generator=g) for h, s in ((hq, sq), (hk, sk), (hk, sk)))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((type(kwargs.get("attn_mask")), kwargs.get("enable_gqa", False)))
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+    # generate.py's own F only (torch.nn.functional stays intact for CausalBias's dispatch)
+    monkeypatch.setattr(G, "F", types.SimpleNamespace(scaled_dot_product_attention=spy))
+    got = G.lower_right_causal_attention(q, k, v, scale=0.3)
+    assert seen and seen[0] == (CausalBias, False)
+
+    kk, vv = (t.double().repeat_interleave(hq // hk, dim=1) for t in (k, v))
+    scores = (q.double() @ kk.transpose(-1, -2)) * 0.3
+    keep = torch.tensor([[j <= (sk - sq) + i for j in range(sk)] for i in range(sq)])
+    want = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1) @ vv
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

@@ -37,17 +37,26 @@ class CachedAttention(DenseAttention):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         thd = is_thd(packed_seq_params)
         q, k, v = (to_bhsd(t, thd) for t in (query, key, value))
-        sq, sk = q.shape[2], k.shape[2]
-        mask = torch.arange(sk, device=q.device)[None, :] <= (sk - sq) + torch.arange(sq, device=q.device)[:, None]
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            scale=self.softmax_scale,
-            enable_gqa=self.groups_per_partition != self.heads_per_partition,
-        )
+        out = lower_right_causal_attention(q, k, v, self.softmax_scale)
         return from_bhsd(out, thd)
+
+
+def lower_right_causal_attention(q, k, v, scale: float | None = None):
+    """SDPA of ``q`` [b, hq, sq, d] on ``k``/``v`` [b, hk, sk, d] (``hq`` a multiple of ``hk``, sq <= sk) with
+    the causal mask aligned to the bottom right: query ``i`` sees keys ``0 .. (sk - sq) + i``.
+
+    Mask-free: the mask is ``torch.nn.attention.bias.causal_lower_right``, which SDPA serves with the flash /
+    memory-efficient kernels.  A tensor mask (or ``enable_gqa`` with the bias, which those kernels may
+    refuse) would send a long prefill chunk to the math backend, which materialises fp32 scores of
+    sq x sk x heads (~15 GiB per layer call for a 7B model at 32K); K/V are repeated to the query heads
+    instead (sk x hq x d, a small fraction of that).
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
 
 
 def load_generation_model(ckpt, dtype: torch.dtype | None = None):
