@@ -126,3 +126,20 @@ def test_lower_right_causal_attention_is_mask_free_and_exact(sq, sk, hq, hk, mon
     keep = torch.tensor([[j <= (sk - sq) + i for j in range(sk)] for i in range(sq)])
     want = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1) @ vv
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_beyond_max_position_embeddings_is_an_error(checkpoints, megatron_cpu):
+    from transformers import AutoModelForCausalLM
+
+    ckpt, export = checkpoints
+    model, arch = load_generation_model(ckpt)
+    limit = arch.max_position_embeddings
+    long_prompt = [1] * (limit - NEW + 1)
+    with pytest.raises(ValueError, match=rf"exceed the model's max_position_embeddings \({limit}\)"):
+        megatron_greedy(model, long_prompt, NEW, arch.vocab_size)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        megatron_greedy(model, PROMPT, NEW, arch.vocab_size, max_positions=len(PROMPT) + NEW - 1)
+    assert len(megatron_greedy(model, PROMPT, NEW, arch.vocab_size, max_positions=len(PROMPT) + NEW)) == NEW
+    hf = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    with pytest.raises(ValueError, match=rf"max_position_embeddings \({hf.config.max_position_embeddings}\)"):
+        hf_greedy(hf, [1] * (hf.config.max_position_embeddings - 1), 2)

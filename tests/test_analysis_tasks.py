@@ -22,13 +22,21 @@ def tok():
 
 @pytest.mark.parametrize("length", [4096, 16384])
 @pytest.mark.parametrize("task", T.TASKS)
-def test_length_within_2_percent_and_oracle_scores_100(task, length):
+def test_prompt_plus_generation_fits_the_length_and_oracle_scores_100(task, length):
+    """RULER's rule: chat prompt (template + answer prefix) + generation budget <= length, fitted from below."""
+    from megatron_focusft.analysis.evaluate import prompt_ids
+
     for index in range(2):
         s = T.generate_sample(task, length, index, tok())
         n = len(tok().encode(s["input"]))
         assert n == s["num_tokens"]
-        assert abs(n - length) <= 0.02 * length, (task, length, n)
+        total = len(prompt_ids(tok(), s["input"], s["answer_prefix"])) + T.max_new_tokens_for(task)
+        assert total == s["total_tokens"]
+        assert length - 0.02 * length <= total <= length, (task, length, total)
         assert T.score_sample(s, T.oracle_answer(s)) == 1.0, (task, s["outputs"], T.oracle_answer(s))
+    s = T.generate_sample(task, length, 0, tok(), max_new_tokens=500)
+    total = len(prompt_ids(tok(), s["input"], s["answer_prefix"])) + 500
+    assert length - 0.02 * length <= total <= length
 
 
 @pytest.mark.parametrize("task", T.TASKS)
@@ -44,7 +52,7 @@ def test_user_haystack_file(tmp_path):
     text.write_text("It was a dark and stormy night. The rain fell in torrents! Was it over? " * 20)
     s = T.generate_sample("babilong_qa1", 4096, 0, tok(), haystack=text)
     assert "stormy night" in s["input"] and "quiet river" not in s["input"]
-    assert abs(s["num_tokens"] - 4096) <= 0.02 * 4096
+    assert 0.95 * 4096 <= s["num_tokens"] < s["total_tokens"] <= 4096
     assert T.score_sample(s, T.oracle_answer(s)) == 1.0
 
 
@@ -145,3 +153,16 @@ def test_ruler_prompts_end_with_rulers_answer_prefix():
     b = T.generate_sample("babilong_qa1", 2048, 0, tok())
     assert b["answer_prefix"] == "" and ev.max_new_tokens_for("babilong_qa1") == 16
     assert tok().decode(ev.prompt_ids(tok(), b["input"])).endswith("<|im_start|>assistant\n")
+
+
+def _xs(base, k):
+    return "x" * (base + 7 * k)
+
+
+def test_fit_length_from_below():
+    """Coarse units (7 tokens) and a target between two of them: the largest count <= target, never above."""
+    for base, target in [(10, 100), (3, 1000), (50, 53), (10, 10)]:
+        text, n = T.fit_length(functools.partial(_xs, base), len, target, unit_tokens=3.0)
+        assert n == len(text) == base + 7 * ((target - base) // 7), (base, target, n)
+    with pytest.raises(ValueError, match="fixed text alone"):
+        T.fit_length(lambda k: "x" * (20 + k), len, 10, unit_tokens=1.0)

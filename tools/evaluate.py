@@ -91,7 +91,9 @@ def run(args) -> list[dict]:
 
     tokenizer = load_tokenizer(_tokenizer_dir(args))
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
-    samples = generate(task_list(args.tasks), lengths, args.samples, tokenizer, args.seed, args.haystack)
+    samples = generate(
+        task_list(args.tasks), lengths, args.samples, tokenizer, args.seed, args.haystack, args.max_new_tokens
+    )
     eos = ev.eos_ids(tokenizer)
     if args.hf_dir:
         from transformers import AutoModelForCausalLM
@@ -114,7 +116,9 @@ def run(args) -> list[dict]:
         vocab = arch.vocab_size
 
         def decode(ids, n):
-            return megatron_greedy(model, ids, n, vocab, eos, prefill_chunk=args.prefill_chunk)
+            return megatron_greedy(
+                model, ids, n, vocab, eos, prefill_chunk=args.prefill_chunk, max_positions=arch.max_position_embeddings
+            )
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     return ev.evaluate(decode, samples, tokenizer, args.max_new_tokens, vocab, progress=rank0 and not args.no_progress)

@@ -15,14 +15,9 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from megatron_focusft.analysis.tasks import score_sample
+from megatron_focusft.analysis.tasks import MAX_NEW_TOKENS, max_new_tokens_for, score_sample
 
-# RULER's / BABILong's generation budgets.
-MAX_NEW_TOKENS = {"babilong": 16, "ruler_niah_mv": 128, "ruler_cwe": 120, "ruler_vt": 30}
-
-
-def max_new_tokens_for(task: str) -> int:
-    return MAX_NEW_TOKENS.get(task, MAX_NEW_TOKENS["babilong"] if task.startswith("babilong") else 64)
+__all__ = ["MAX_NEW_TOKENS", "accuracy_table", "evaluate", "markdown_table", "max_new_tokens_for", "prompt_ids"]
 
 
 def prompt_ids(tokenizer, text: str, answer_prefix: str = "") -> list[int]:

@@ -77,18 +77,22 @@ def megatron_greedy(
     vocab_size: int,
     eos_ids: Sequence[int] = (),
     prefill_chunk: int | None = 4096,
+    max_positions: int | None = None,
 ) -> list[int]:
     """Greedy continuation of ``prompt`` (token ids) with a Megatron GPTModel and a KV cache.
 
     The prompt is prefilled in chunks of ``prefill_chunk`` tokens (None: at once); every new token then
     costs one forward pass of one token.  Stops after ``max_new_tokens`` or at a token in ``eos_ids``
     (included in the result).  Collective under tensor parallelism (every rank gets the same tokens).
+    ``max_positions`` (default: the model's ``max_sequence_length``, i.e. ``max_position_embeddings``):
+    a prompt plus ``max_new_tokens`` beyond it is an error.
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise ValueError("empty prompt")
+    check_positions(len(prompt), max_new_tokens, max_positions or getattr(model, "max_sequence_length", None))
     ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt) + max_new_tokens)
     step = prefill_chunk or len(prompt)
     device = next(model.parameters()).device
@@ -112,6 +116,15 @@ def megatron_greedy(
         if nxt in eos or len(out) >= max_new_tokens:
             return out
         nxt = forward([nxt])
+
+
+def check_positions(prompt_len: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """ValueError when ``prompt_len + max_new_tokens`` exceeds the model's ``max_position_embeddings``."""
+    if max_positions is not None and prompt_len + max_new_tokens > max_positions:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
+            f"positions exceed the model's max_position_embeddings ({max_positions})"
+        )
 
 
 def greedy_generation_config(max_new_tokens: int, eos_ids: Sequence[int] = ()):
@@ -139,7 +152,9 @@ def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequen
     """Greedy continuation with a ``transformers`` causal LM (its own KV cache).
 
     An explicit :func:`greedy_generation_config` replaces the model's own generation config, so a folder's
-    ``generation_config.json`` (sampling, repetition penalty) cannot change the decoding."""
+    ``generation_config.json`` (sampling, repetition penalty) cannot change the decoding.  A prompt plus
+    ``max_new_tokens`` beyond ``config.max_position_embeddings`` is a ValueError."""
+    check_positions(len(prompt), max_new_tokens, getattr(model.config, "max_position_embeddings", None))
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.device)
     out = model.generate(
         ids,
