@@ -105,7 +105,9 @@ def brute_force(attentions, roles, loss_mask):
 
 def _analyze(ckpt, sample, mode, chunk_elements):
     model, arch = load_probe_model(ckpt)
-    stats = analyze(model, [sample], mode, vocab_size=arch.vocab_size, bins=BINS, chunk_elements=chunk_elements)
+    stats = analyze(
+        model, [sample], mode, vocab_size=arch.vocab_size, bins=BINS, chunk_elements=chunk_elements, fold_vocab=True
+    )
     return stats.category, stats.profile, stats.heatmap
 
 
@@ -118,7 +120,7 @@ def test_sink_mass_and_engagement_equal_brute_force_from_transformers(checkpoint
     category, profile, heat = _analyze(ckpt, sample, "causal", chunk_elements=4 * 150 * 16)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
-        out = hf(fold_tokens(sample.input_ids, ARCH.vocab_size), output_attentions=True)
+        out = hf(fold_tokens(sample.input_ids, ARCH.vocab_size, fold=True), output_attentions=True)
     want_cat, want_prof = brute_force(out.attentions, sample.roles, sample.loss_mask)
     assert category.shape == (ARCH.num_layers, len(CATEGORIES))
     np.testing.assert_allclose(category, want_cat, atol=1e-5, rtol=0)
@@ -167,7 +169,7 @@ def test_probe_attention_output_equals_dense_attention(checkpoints, megatron_cpu
     probe_model, _ = load_probe_model(ckpt)
     dense = build_model(ARCH, DenseAttention, perform_initialization=False)
     load_model(dense, ckpt)
-    tokens = fold_tokens(sample.input_ids, ARCH.vocab_size)
+    tokens = fold_tokens(sample.input_ids, ARCH.vocab_size, fold=True)
     lm = torch.as_tensor(sample.loss_mask).long()
     docs = torch.zeros_like(lm)
     with torch.no_grad():

@@ -55,7 +55,7 @@ def test_analyze_attention_tool_compare_and_plots(work):
     out = work / "attn.json"
     argv = ["--ckpt", str(work / "megatron"), "--data", str(work / "convs.jsonl"), "--samples", "2"]
     argv += ["--json", str(out), "--plots", str(work / "plots"), "--compare", str(work / "megatron")]
-    assert tool.main(argv + ["--compare-attention-mask", "glm", "--no-progress"]) == 0
+    assert tool.main(argv + ["--compare-attention-mask", "glm", "--no-progress", "--fold-oversized-ids"]) == 0
     doc = json.loads(out.read_text())
     assert len(doc["a"]["layers"]) == 2 and doc["a"]["attention_mask"] == "causal"
     assert doc["b"]["attention_mask"] == "glm"
@@ -76,7 +76,7 @@ def test_analyze_attention_tool_reads_a_packed_prefix(work):
     tool = load_tool("analyze_attention")
     out = work / "attn_packed.json"
     argv = ["--ckpt", str(work / "megatron"), "--data", str(prefix), "--json", str(out), "--no-progress"]
-    assert tool.main(argv + ["--attention-mask", "glm"]) == 0
+    assert tool.main(argv + ["--attention-mask", "glm", "--fold-oversized-ids"]) == 0
     doc = json.loads(out.read_text())
     assert doc["num_samples"] == 3 and doc["attention_mask"] == "glm"
     assert doc["layers"][0]["tool"] > 0 and doc["layers"][0]["system_user"] > 0
@@ -95,7 +95,7 @@ def test_evaluate_tool_megatron_and_hf_agree(work):
         "--max-new-tokens",
         "6",
     ]
-    common += ["--no-progress"]
+    common += ["--no-progress", "--fold-oversized-ids"]
     a, b, md = work / "eval_megatron.json", work / "eval_hf.json", work / "eval.md"
     assert tool.main(["--ckpt", str(work / "megatron"), "--json", str(a), "--markdown", str(md)] + common) == 0
     assert tool.main(["--hf-dir", str(work / "export"), "--json", str(b)] + common) == 0
@@ -110,3 +110,34 @@ def test_evaluate_tool_rejects_unknown_task(work, capsys):
     tool = load_tool("evaluate")
     assert tool.main(["--ckpt", str(work / "megatron"), "--tasks", "qa9"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_an_error(work, capsys):
+    """The tiny model (vocabulary 1000) read with the Qwen2 tokenizer: a clear error naming both folders."""
+    ckpt, tok_dir = work / "megatron", work / "megatron" / "tokenizer"
+    tool = load_tool("evaluate")
+    argv = ["--ckpt", str(ckpt), "--tasks", "babilong_qa1", "--lengths", "1k", "--samples", "1", "--no-progress"]
+    assert tool.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "outside the model's vocabulary of 1000" in err and str(tok_dir) in err and f"checkpoint {ckpt}" in err
+    tool = load_tool("analyze_attention")
+    argv = ["--ckpt", str(ckpt), "--data", str(work / "convs.jsonl"), "--samples", "1", "--no-progress"]
+    assert tool.main(argv + ["--json", str(work / "never.json")]) == 2
+    err = capsys.readouterr().err
+    assert "outside the model's vocabulary of 1000" in err and str(tok_dir) in err
+    assert not (work / "never.json").exists()
+
+
+def test_analyze_attention_compare_reads_the_compared_checkpoints_tokenizer(work, capsys):
+    """--compare B uses B/tokenizer (here missing), not the first checkpoint's."""
+    import shutil
+
+    other = work / "other"
+    if not other.exists():
+        shutil.copytree(work / "megatron", other)
+        shutil.rmtree(other / "tokenizer")
+    tool = load_tool("analyze_attention")
+    argv = ["--ckpt", str(work / "megatron"), "--compare", str(other), "--data", str(work / "convs.jsonl")]
+    argv += ["--samples", "1", "--json", str(work / "cmp.json"), "--no-progress", "--fold-oversized-ids"]
+    assert tool.main(argv) == 2
+    assert str(other / "tokenizer") in capsys.readouterr().err

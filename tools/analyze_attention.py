@@ -49,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="cpu",
         help="cuda: run under torchrun with --nproc-per-node = --tp",
     )
+    p.add_argument(
+        "--fold-oversized-ids",
+        action="store_true",
+        help="fold token ids beyond the model's vocabulary modulo its size instead of failing (tiny test models)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -60,7 +65,7 @@ def _analyze_one(args, ckpt: str, mode: str):
     from megatron_focusft.convert.megatron_io import resolve_checkpoint
     from megatron_focusft.data import load_tokenizer
 
-    tok_dir = args.tokenizer or str(resolve_checkpoint(args.ckpt) / "tokenizer")
+    tok_dir = args.tokenizer or str(resolve_checkpoint(ckpt) / "tokenizer")  # the analysed checkpoint's
     tokenizer = load_tokenizer(tok_dir)
     samples = load_samples(args.data, tokenizer, limit=args.samples, max_length=args.max_length)
     model, arch = load_probe_model(ckpt)
@@ -75,6 +80,8 @@ def _analyze_one(args, ckpt: str, mode: str):
         bins=args.bins,
         heatmap_layer=args.heatmap_layer,
         progress=rank0 and not args.no_progress,
+        fold_vocab=args.fold_oversized_ids,
+        source=f"tokenizer {tok_dir}, checkpoint {ckpt}",
     )
 
 

@@ -52,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="cpu",
         help="cuda: run under torchrun with --nproc-per-node = --tp",
     )
+    p.add_argument(
+        "--fold-oversized-ids",
+        action="store_true",
+        help="fold token ids beyond the model's vocabulary modulo its size instead of failing (tiny test models)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -89,7 +94,8 @@ def run(args) -> list[dict]:
     from megatron_focusft.analysis.tasks import generate, parse_length
     from megatron_focusft.data import load_tokenizer
 
-    tokenizer = load_tokenizer(_tokenizer_dir(args))
+    tok_dir = _tokenizer_dir(args)
+    tokenizer = load_tokenizer(tok_dir)
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
     samples = generate(
         task_list(args.tasks), lengths, args.samples, tokenizer, args.seed, args.haystack, args.max_new_tokens
@@ -121,7 +127,16 @@ def run(args) -> list[dict]:
             )
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    return ev.evaluate(decode, samples, tokenizer, args.max_new_tokens, vocab, progress=rank0 and not args.no_progress)
+    return ev.evaluate(
+        decode,
+        samples,
+        tokenizer,
+        args.max_new_tokens,
+        vocab,
+        progress=rank0 and not args.no_progress,
+        fold_vocab=args.fold_oversized_ids,
+        source=f"tokenizer {tok_dir}, checkpoint {args.ckpt or args.hf_dir}",
+    )
 
 
 def main(argv=None) -> int:

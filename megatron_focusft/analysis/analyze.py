@@ -74,18 +74,31 @@ def load_samples(data: str, tokenizer, limit: int | None = None, max_length: int
     return samples
 
 
-def fold_tokens(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
-    """Token ids as a [1, s] tensor; ids the model's vocabulary lacks (a tiny test model read with a real
-    tokenizer) are folded modulo the vocabulary size, with a warning."""
-    t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
-    if int(t.max()) >= vocab_size:
-        warnings.warn(
-            f"token ids up to {int(t.max())} exceed the model's vocabulary ({vocab_size}); folding them "
-            "modulo the vocabulary size (only meaningful for tiny test models)",
-            stacklevel=2,
+def check_token_ids(ids, vocab_size: int, *, fold: bool = False, source: str = ""):
+    """``ids`` unchanged when every id is below ``vocab_size``.  Otherwise the tokenizer does not belong to
+    the model: a ValueError naming ``source`` (e.g. the tokenizer folder and the checkpoint), unless ``fold``
+    (an explicit opt-in for tiny test models read with a real tokenizer) folds them modulo the vocabulary."""
+    top = int(np.max(np.asarray(ids))) if len(ids) else -1
+    if top < vocab_size:
+        return ids
+    if not fold:
+        where = f" ({source})" if source else ""
+        raise ValueError(
+            f"token id {top} is outside the model's vocabulary of {vocab_size}: the tokenizer does not belong "
+            f"to the checkpoint{where}; pass the checkpoint's own tokenizer"
         )
-        t = t % vocab_size
-    return t
+    warnings.warn(
+        f"token ids up to {top} exceed the model's vocabulary ({vocab_size}); folded modulo the vocabulary size "
+        "as asked (only meaningful for tiny test models)",
+        stacklevel=2,
+    )
+    return [int(i) % vocab_size for i in ids] if isinstance(ids, list) else np.asarray(ids) % vocab_size
+
+
+def fold_tokens(ids: np.ndarray, vocab_size: int, *, fold: bool = False, source: str = "") -> torch.Tensor:
+    """Token ids as a [1, s] tensor, checked by :func:`check_token_ids` (folded only with ``fold``)."""
+    ids = check_token_ids(np.asarray(ids, dtype=np.int64), vocab_size, fold=fold, source=source)
+    return torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
 
 
 @torch.no_grad()
@@ -100,10 +113,14 @@ def analyze(
     grid: int = 128,
     chunk_elements: int | None = None,
     progress: bool = False,
+    fold_vocab: bool = False,
+    source: str = "",
 ) -> AttentionStats:
     """Per-layer sink mass / context engagement / positional profile, averaged over ``samples``.
 
     ``heatmap_layer`` (0-based, default the middle layer): its pooled attention map on the first sample.
+    Token ids beyond the vocabulary are a ValueError naming ``source`` (see :func:`check_token_ids`;
+    ``fold_vocab`` folds them instead, for tiny test models).
     Collective under tensor parallelism (every rank passes the same samples).
     """
     num_layers = len(model.decoder.layers)
@@ -122,7 +139,9 @@ def analyze(
             grid=grid,
             **kwargs,
         )
-        tokens = fold_tokens(sample.input_ids, vocab_size).to(next(model.parameters()).device)
+        tokens = fold_tokens(sample.input_ids, vocab_size, fold=fold_vocab, source=source).to(
+            next(model.parameters()).device
+        )
         decoder_hidden_states(model, tokens, probe)
         c, p, h = probe.finish()
         category.append(c)

@@ -9,7 +9,6 @@ the assistant header and the task's answer prefix (RULER tasks).
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -40,17 +39,6 @@ def eos_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-def fold(ids: list[int], vocab_size: int | None) -> list[int]:
-    """Ids beyond a (tiny test) model's vocabulary are folded modulo its size, with a warning."""
-    if vocab_size is None or max(ids) < vocab_size:
-        return ids
-    warnings.warn(
-        f"prompt token ids exceed the model's vocabulary ({vocab_size}); folded (tiny test models only)",
-        stacklevel=2,
-    )
-    return [i % vocab_size for i in ids]
-
-
 def evaluate(
     decode: Callable[[list[int], int], list[int]],
     samples: list[dict],
@@ -58,11 +46,20 @@ def evaluate(
     max_new_tokens: int | None = None,
     vocab_size: int | None = None,
     progress: bool = True,
+    fold_vocab: bool = False,
+    source: str = "",
 ) -> list[dict]:
-    """Decode every sample and score it; one result dict per sample (prediction, score, sizes)."""
+    """Decode every sample and score it; one result dict per sample (prediction, score, sizes).
+
+    Prompt ids beyond ``vocab_size`` (a tokenizer that is not the model's) are a ValueError naming ``source``,
+    unless ``fold_vocab`` (tiny test models) folds them modulo the vocabulary."""
+    from megatron_focusft.analysis.analyze import check_token_ids
+
     results = []
     for s in tqdm(samples, desc="evaluate", unit="sample", disable=not progress):
-        ids = fold(prompt_ids(tokenizer, s["input"], s.get("answer_prefix", "")), vocab_size)
+        ids = prompt_ids(tokenizer, s["input"], s.get("answer_prefix", ""))
+        if vocab_size is not None:
+            ids = check_token_ids(ids, vocab_size, fold=fold_vocab, source=source)
         new = decode(ids, max_new_tokens or max_new_tokens_for(s["task"]))
         stop = set(eos_ids(tokenizer))
         text = tokenizer.decode([t for t in new if t not in stop])
