@@ -141,3 +141,62 @@ def test_analyze_attention_compare_reads_the_compared_checkpoints_tokenizer(work
     argv += ["--samples", "1", "--json", str(work / "cmp.json"), "--no-progress", "--fold-oversized-ids"]
     assert tool.main(argv) == 2
     assert str(other / "tokenizer") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--lengths", ","], "--lengths"),
+        (["--lengths", "4m"], "--lengths"),
+        (["--lengths", "0"], "--lengths"),
+        (["--tasks", ""], "--tasks"),
+        (["--tasks", " , "], "--tasks"),
+        (["--tasks", "ruler_niah"], "unknown task 'ruler_niah'"),
+        (["--samples", "0"], "--samples"),
+        (["--samples", "-3"], "--samples"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--prefill-chunk", "0"], "--prefill-chunk"),
+    ],
+)
+def test_evaluate_tool_rejects_bad_arguments(extra, flag, capsys):
+    tool = load_tool("evaluate")
+    assert tool.main(["--ckpt", "/nonexistent/ckpt"] + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "error" in err[0], err
+    assert "babilong_ruler" not in err[0]
+
+
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--samples", "0"], "--samples"),
+        (["--samples", "-1"], "--samples"),
+        (["--heatmap-layer", "-1"], "--heatmap-layer"),
+        (["--bins", "0"], "--bins"),
+    ],
+)
+def test_analyze_attention_tool_rejects_bad_arguments(extra, flag, capsys, tmp_path):
+    tool = load_tool("analyze_attention")
+    argv = ["--ckpt", "/nonexistent/ckpt", "--data", "x.jsonl", "--json", str(tmp_path / "o.json")]
+    assert tool.main(argv + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0], err
+
+
+def test_analyze_attention_tool_rejects_a_heatmap_layer_beyond_the_model(work, capsys):
+    tool = load_tool("analyze_attention")
+    argv = ["--ckpt", str(work / "megatron"), "--data", str(work / "convs.jsonl"), "--samples", "1"]
+    argv += ["--json", str(work / "hm.json"), "--no-progress", "--fold-oversized-ids", "--heatmap-layer", "99"]
+    assert tool.main(argv) == 2
+    assert "--heatmap-layer 99" in capsys.readouterr().err and not (work / "hm.json").exists()
+
+
+def test_load_samples_rejects_a_non_positive_limit(work):
+    from megatron_focusft.analysis.analyze import load_samples
+    from megatron_focusft.data import load_tokenizer
+
+    tokenizer = load_tokenizer(work / "megatron" / "tokenizer")
+    assert len(load_samples(str(work / "convs.jsonl"), tokenizer, limit=1)) == 1
+    for limit in (0, -2):
+        with pytest.raises(ValueError, match="limit"):
+            load_samples(str(work / "convs.jsonl"), tokenizer, limit=limit)

@@ -58,7 +58,42 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fold token ids beyond the model's vocabulary modulo its size instead of failing (tiny test models)",
     )
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    validate_args(args, p.prog)
+    return args
+
+
+def _fail(prog: str, message: str):
+    """A one-line usage error naming the flag; exit status 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def validate_args(args, prog: str = "evaluate.py") -> None:
+    from megatron_focusft.analysis.tasks import parse_length
+
+    try:
+        args.task_names = task_list(args.tasks)
+    except ValueError as e:
+        _fail(prog, f"--tasks: {e}")
+    if not args.task_names:
+        _fail(prog, f"--tasks: no task in {args.tasks!r}")
+    try:
+        args.length_values = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError as e:
+        _fail(prog, f"--lengths: {e}")
+    if not args.length_values:
+        _fail(prog, f"--lengths: no length in {args.lengths!r}")
+    if any(n < 1 for n in args.length_values):
+        _fail(prog, f"--lengths: lengths must be positive, got {args.lengths!r}")
+    for flag, value in [
+        ("--samples", args.samples),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--prefill-chunk", args.prefill_chunk),
+        ("--tp", args.tp),
+    ]:
+        if value is not None and value < 1:
+            _fail(prog, f"{flag} must be at least 1, got {value}")
 
 
 def task_list(spec: str) -> list[str]:
@@ -68,10 +103,12 @@ def task_list(spec: str) -> list[str]:
     for name in (s.strip() for s in spec.split(",") if s.strip()):
         if name in ("all", "babilong", "ruler"):
             out += [t for t in TASKS if name == "all" or t.startswith(name + "_")]
-        else:
-            full = name if name in TASKS else f"ruler_{name}" if f"ruler_{name}" in TASKS else f"babilong_{name}"
-            check_task(full)
-            out.append(full)
+            continue
+        full = next((t for t in (name, f"ruler_{name}", f"babilong_{name}") if t in TASKS), None)
+        if full is None:
+            raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, babilong, ruler, all")
+        check_task(full)
+        out.append(full)
     return list(dict.fromkeys(out))
 
 
@@ -97,6 +134,8 @@ def run(args) -> list[dict]:
     tok_dir = _tokenizer_dir(args)
     tokenizer = load_tokenizer(tok_dir)
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
+    if not lengths:
+        raise ValueError("--lengths: no length given")
     samples = generate(
         task_list(args.tasks), lengths, args.samples, tokenizer, args.seed, args.haystack, args.max_new_tokens
     )
@@ -140,7 +179,10 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # usage errors (and --help): the exit status
+        return e.code if isinstance(e.code, int) else 2
     from megatron_focusft.analysis import evaluate as ev
     from megatron_focusft.data import DataError
     from megatron_focusft.models.qwen2 import ConfigError

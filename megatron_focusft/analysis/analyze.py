@@ -46,6 +46,8 @@ def load_samples(data: str, tokenizer, limit: int | None = None, max_length: int
 
     Samples without a response token are skipped; ``limit`` keeps the first N.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     samples: list[Sample] = []
     if os.path.exists(data + ".json") and not data.endswith((".jsonl", ".json")):
         from megatron_focusft.data import PackedDataset
@@ -126,6 +128,8 @@ def analyze(
     num_layers = len(model.decoder.layers)
     if heatmap_layer is None:
         heatmap_layer = num_layers // 2
+    if not 0 <= heatmap_layer < num_layers:
+        raise ValueError(f"heatmap_layer {heatmap_layer} is out of range: the model has {num_layers} layers")
     vocab_size = vocab_size or model.embedding.word_embeddings.num_embeddings
     category, profile, heat = [], [], None
     for n, sample in enumerate(tqdm(samples, desc="attention", disable=not progress, unit="sample")):
