@@ -200,3 +200,28 @@ def test_load_samples_rejects_a_non_positive_limit(work):
     for limit in (0, -2):
         with pytest.raises(ValueError, match="limit"):
             load_samples(str(work / "convs.jsonl"), tokenizer, limit=limit)
+
+
+@pytest.mark.slow
+def test_evaluate_tool_decodes_in_the_checkpoints_dtype_or_dtype(work):
+    import shutil
+
+    bf16 = work / "export_bf16"
+    if not bf16.exists():
+        shutil.copytree(work / "export", bf16)
+        cfg = json.loads((bf16 / "config.json").read_text())
+        cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+        (bf16 / "config.json").write_text(json.dumps(cfg))
+    tool = load_tool("evaluate")
+    common = ["--tasks", "babilong_qa1", "--lengths", "1k", "--samples", "1", "--max-new-tokens", "2"]
+    common += ["--no-progress", "--fold-oversized-ids"]
+    out = work / "dtype.json"
+    for src, extra, want in [
+        (["--hf-dir", str(bf16)], [], "bfloat16"),  # the folder's dtype, not always float32
+        (["--hf-dir", str(bf16)], ["--dtype", "float32"], "float32"),
+        (["--hf-dir", str(work / "export")], [], "float32"),
+        (["--ckpt", str(work / "megatron")], ["--dtype", "bfloat16"], "bfloat16"),
+    ]:
+        assert tool.main(src + extra + common + ["--json", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["dtype"] == want and doc["results"][0]["dtype"] == want, (src, extra)

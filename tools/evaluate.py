@@ -42,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (16 .. 128)")
     p.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per prefill pass")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weights' dtype for decoding (default auto: the checkpoint's own)",
+    )
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="default: CKPT/tokenizer or HF_DIR")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="accuracy table + predictions")
     p.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="accuracy table (Markdown)")
@@ -145,7 +151,8 @@ def run(args) -> list[dict]:
 
         from megatron_focusft.analysis.generate import hf_greedy
 
-        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype).eval()
         if args.device == "cuda":
             model = model.cuda()
         vocab = model.config.vocab_size
@@ -155,7 +162,7 @@ def run(args) -> list[dict]:
     else:
         from megatron_focusft.analysis.generate import load_generation_model, megatron_greedy
 
-        model, arch = load_generation_model(args.ckpt)
+        model, arch = load_generation_model(args.ckpt, None if args.dtype == "auto" else getattr(torch, args.dtype))
         if args.device == "cuda":
             model = model.cuda()
         vocab = arch.vocab_size
@@ -166,7 +173,8 @@ def run(args) -> list[dict]:
             )
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    return ev.evaluate(
+    dtype_used = str(next(model.parameters()).dtype).removeprefix("torch.")
+    results = ev.evaluate(
         decode,
         samples,
         tokenizer,
@@ -176,6 +184,9 @@ def run(args) -> list[dict]:
         fold_vocab=args.fold_oversized_ids,
         source=f"tokenizer {tok_dir}, checkpoint {args.ckpt or args.hf_dir}",
     )
+    for r in results:
+        r["dtype"] = dtype_used
+    return results
 
 
 def main(argv=None) -> int:
@@ -214,6 +225,7 @@ def main(argv=None) -> int:
             "model": args.ckpt or args.hf_dir,
             "seed": args.seed,
             "samples_per_cell": args.samples,
+            "dtype": results[0]["dtype"] if results else None,
             "accuracy": {t: {str(n): a for n, a in by.items()} for t, by in table.items()},
             "results": results,
         }
