@@ -49,10 +49,13 @@ def lower_right_causal_attention(q, k, v, scale: float | None = None):
     memory-efficient kernels.  A tensor mask (or ``enable_gqa`` with the bias, which those kernels may
     refuse) would send a long prefill chunk to the math backend, which materialises fp32 scores of
     sq x sk x heads (~15 GiB per layer call for a 7B model at 32K); K/V are repeated to the query heads
-    instead (sk x hq x d, a small fraction of that).
+    instead (sk x hq x d, a small fraction of that).  One query (a decode step) sees every key: no mask, and
+    SDPA's own GQA (its 1 x sk x heads scores are small), so the cache is not copied every token.
     """
     from torch.nn.attention.bias import causal_lower_right
 
+    if q.shape[2] == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
