@@ -7,8 +7,11 @@ generated from a seed at the requested lengths, answered by greedy decoding, sco
     python tools/evaluate.py --hf-dir exported/ --tasks all --lengths 4k
 
 Megatron decoding uses a KV cache (Megatron's static inference context) with chunked prefill, on any
-``--tp`` size; ``--hf-dir`` decodes with the exported Hugging Face model instead.  Exit status: 0 on
-success, 2 on bad usage.
+``--tp`` size; ``--hf-dir`` decodes with the exported Hugging Face model instead (greedy whatever its
+generation_config.json says), in the checkpoint's dtype unless ``--dtype``.  A prompt of length N is, as
+in RULER, the chat prompt (with RULER's answer prefix) plus the generation budget in at most N positions.
+Token ids beyond the model's vocabulary (a foreign tokenizer) are an error.  Exit status: 0 on success,
+2 on bad usage.
 """
 
 from __future__ import annotations

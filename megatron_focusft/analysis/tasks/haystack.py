@@ -2,8 +2,8 @@
 
 The built-in filler is generated from a seed (sentences about weather, rivers and machines built from small
 word lists that share no word with the tasks' names, places or objects); a user-given text file is split
-into sentences and cycled.  :func:`fit_length` finds how many haystack units make a prompt hit a token
-budget (the prompt is re-tokenised exactly, a few times).
+into sentences and cycled.  :func:`fit_length` finds the most haystack units that keep a prompt within a
+token budget, from below (the prompt is re-tokenised exactly, a few times).
 """
 
 from __future__ import annotations
