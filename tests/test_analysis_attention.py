@@ -105,7 +105,9 @@ def brute_force(attentions, roles, loss_mask):
 
 def _analyze(ckpt, sample, mode, chunk_elements):
     model, arch = load_probe_model(ckpt)
-    stats = analyze(model, [sample], mode, vocab_size=arch.vocab_size, bins=BINS, chunk_elements=chunk_elements)
+    stats = analyze(
+        model, [sample], mode, vocab_size=arch.vocab_size, bins=BINS, chunk_elements=chunk_elements, fold_vocab=True
+    )
     return stats.category, stats.profile, stats.heatmap
 
 
@@ -118,7 +120,7 @@ def test_sink_mass_and_engagement_equal_brute_force_from_transformers(checkpoint
     category, profile, heat = _analyze(ckpt, sample, "causal", chunk_elements=4 * 150 * 16)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
-        out = hf(fold_tokens(sample.input_ids, ARCH.vocab_size), output_attentions=True)
+        out = hf(fold_tokens(sample.input_ids, ARCH.vocab_size, fold=True), output_attentions=True)
     want_cat, want_prof = brute_force(out.attentions, sample.roles, sample.loss_mask)
     assert category.shape == (ARCH.num_layers, len(CATEGORIES))
     np.testing.assert_allclose(category, want_cat, atol=1e-5, rtol=0)
@@ -167,7 +169,7 @@ def test_probe_attention_output_equals_dense_attention(checkpoints, megatron_cpu
     probe_model, _ = load_probe_model(ckpt)
     dense = build_model(ARCH, DenseAttention, perform_initialization=False)
     load_model(dense, ckpt)
-    tokens = fold_tokens(sample.input_ids, ARCH.vocab_size)
+    tokens = fold_tokens(sample.input_ids, ARCH.vocab_size, fold=True)
     lm = torch.as_tensor(sample.loss_mask).long()
     docs = torch.zeros_like(lm)
     with torch.no_grad():
@@ -178,3 +180,36 @@ def test_probe_attention_output_equals_dense_attention(checkpoints, megatron_cpu
         same = decoder_hidden_states(probe_model, tokens, attention.build_attention_mask("dense", docs, lm, mode))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(same, want)
+
+
+def test_probe_converts_values_once_per_layer(checkpoints, megatron_cpu):
+    """bf16 weights, many query chunks: V is converted to fp32 once per layer, not once per chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_focusft.analysis.capture import decoder_hidden_states
+
+    _, ckpt = checkpoints
+    sample = make_sample()
+    model, _ = load_probe_model(ckpt, torch.bfloat16)
+    tokens = fold_tokens(sample.input_ids, ARCH.vocab_size, fold=True)
+    s, heads = tokens.shape[1], ARCH.num_attention_heads
+    probe = AttentionProbe(
+        torch.as_tensor(sample.roles), torch.as_tensor(sample.loss_mask), "causal", chunk_elements=heads * s * 16
+    )
+    assert s / probe.chunk_rows(heads) > 4  # several chunks per layer
+    full_v = (heads, s, ARCH.hidden_size // heads)
+
+    class CountV(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            x = args[0] if args else None
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and isinstance(x, torch.Tensor):
+                if x.dtype == torch.bfloat16 and tuple(x.shape) == full_v and kwargs.get("dtype") == torch.float32:
+                    CountV.n += 1
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), CountV():
+        decoder_hidden_states(model, tokens, probe)
+    assert CountV.n == ARCH.num_layers

@@ -55,7 +55,7 @@ def test_analyze_attention_tool_compare_and_plots(work):
     out = work / "attn.json"
     argv = ["--ckpt", str(work / "megatron"), "--data", str(work / "convs.jsonl"), "--samples", "2"]
     argv += ["--json", str(out), "--plots", str(work / "plots"), "--compare", str(work / "megatron")]
-    assert tool.main(argv + ["--compare-attention-mask", "glm", "--no-progress"]) == 0
+    assert tool.main(argv + ["--compare-attention-mask", "glm", "--no-progress", "--fold-oversized-ids"]) == 0
     doc = json.loads(out.read_text())
     assert len(doc["a"]["layers"]) == 2 and doc["a"]["attention_mask"] == "causal"
     assert doc["b"]["attention_mask"] == "glm"
@@ -76,7 +76,7 @@ def test_analyze_attention_tool_reads_a_packed_prefix(work):
     tool = load_tool("analyze_attention")
     out = work / "attn_packed.json"
     argv = ["--ckpt", str(work / "megatron"), "--data", str(prefix), "--json", str(out), "--no-progress"]
-    assert tool.main(argv + ["--attention-mask", "glm"]) == 0
+    assert tool.main(argv + ["--attention-mask", "glm", "--fold-oversized-ids"]) == 0
     doc = json.loads(out.read_text())
     assert doc["num_samples"] == 3 and doc["attention_mask"] == "glm"
     assert doc["layers"][0]["tool"] > 0 and doc["layers"][0]["system_user"] > 0
@@ -95,7 +95,7 @@ def test_evaluate_tool_megatron_and_hf_agree(work):
         "--max-new-tokens",
         "6",
     ]
-    common += ["--no-progress"]
+    common += ["--no-progress", "--fold-oversized-ids"]
     a, b, md = work / "eval_megatron.json", work / "eval_hf.json", work / "eval.md"
     assert tool.main(["--ckpt", str(work / "megatron"), "--json", str(a), "--markdown", str(md)] + common) == 0
     assert tool.main(["--hf-dir", str(work / "export"), "--json", str(b)] + common) == 0
@@ -110,3 +110,118 @@ def test_evaluate_tool_rejects_unknown_task(work, capsys):
     tool = load_tool("evaluate")
     assert tool.main(["--ckpt", str(work / "megatron"), "--tasks", "qa9"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_an_error(work, capsys):
+    """The tiny model (vocabulary 1000) read with the Qwen2 tokenizer: a clear error naming both folders."""
+    ckpt, tok_dir = work / "megatron", work / "megatron" / "tokenizer"
+    tool = load_tool("evaluate")
+    argv = ["--ckpt", str(ckpt), "--tasks", "babilong_qa1", "--lengths", "1k", "--samples", "1", "--no-progress"]
+    assert tool.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "outside the model's vocabulary of 1000" in err and str(tok_dir) in err and f"checkpoint {ckpt}" in err
+    tool = load_tool("analyze_attention")
+    argv = ["--ckpt", str(ckpt), "--data", str(work / "convs.jsonl"), "--samples", "1", "--no-progress"]
+    assert tool.main(argv + ["--json", str(work / "never.json")]) == 2
+    err = capsys.readouterr().err
+    assert "outside the model's vocabulary of 1000" in err and str(tok_dir) in err
+    assert not (work / "never.json").exists()
+
+
+def test_analyze_attention_compare_reads_the_compared_checkpoints_tokenizer(work, capsys):
+    """--compare B uses B/tokenizer (here missing), not the first checkpoint's."""
+    import shutil
+
+    other = work / "other"
+    if not other.exists():
+        shutil.copytree(work / "megatron", other)
+        shutil.rmtree(other / "tokenizer")
+    tool = load_tool("analyze_attention")
+    argv = ["--ckpt", str(work / "megatron"), "--compare", str(other), "--data", str(work / "convs.jsonl")]
+    argv += ["--samples", "1", "--json", str(work / "cmp.json"), "--no-progress", "--fold-oversized-ids"]
+    assert tool.main(argv) == 2
+    assert str(other / "tokenizer") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--lengths", ","], "--lengths"),
+        (["--lengths", "4m"], "--lengths"),
+        (["--lengths", "0"], "--lengths"),
+        (["--tasks", ""], "--tasks"),
+        (["--tasks", " , "], "--tasks"),
+        (["--tasks", "ruler_niah"], "unknown task 'ruler_niah'"),
+        (["--samples", "0"], "--samples"),
+        (["--samples", "-3"], "--samples"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--prefill-chunk", "0"], "--prefill-chunk"),
+    ],
+)
+def test_evaluate_tool_rejects_bad_arguments(extra, flag, capsys):
+    tool = load_tool("evaluate")
+    assert tool.main(["--ckpt", "/nonexistent/ckpt"] + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "error" in err[0], err
+    assert "babilong_ruler" not in err[0]
+
+
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--samples", "0"], "--samples"),
+        (["--samples", "-1"], "--samples"),
+        (["--heatmap-layer", "-1"], "--heatmap-layer"),
+        (["--bins", "0"], "--bins"),
+    ],
+)
+def test_analyze_attention_tool_rejects_bad_arguments(extra, flag, capsys, tmp_path):
+    tool = load_tool("analyze_attention")
+    argv = ["--ckpt", "/nonexistent/ckpt", "--data", "x.jsonl", "--json", str(tmp_path / "o.json")]
+    assert tool.main(argv + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0], err
+
+
+def test_analyze_attention_tool_rejects_a_heatmap_layer_beyond_the_model(work, capsys):
+    tool = load_tool("analyze_attention")
+    argv = ["--ckpt", str(work / "megatron"), "--data", str(work / "convs.jsonl"), "--samples", "1"]
+    argv += ["--json", str(work / "hm.json"), "--no-progress", "--fold-oversized-ids", "--heatmap-layer", "99"]
+    assert tool.main(argv) == 2
+    assert "--heatmap-layer 99" in capsys.readouterr().err and not (work / "hm.json").exists()
+
+
+def test_load_samples_rejects_a_non_positive_limit(work):
+    from megatron_focusft.analysis.analyze import load_samples
+    from megatron_focusft.data import load_tokenizer
+
+    tokenizer = load_tokenizer(work / "megatron" / "tokenizer")
+    assert len(load_samples(str(work / "convs.jsonl"), tokenizer, limit=1)) == 1
+    for limit in (0, -2):
+        with pytest.raises(ValueError, match="limit"):
+            load_samples(str(work / "convs.jsonl"), tokenizer, limit=limit)
+
+
+@pytest.mark.slow
+def test_evaluate_tool_decodes_in_the_checkpoints_dtype_or_dtype(work):
+    import shutil
+
+    bf16 = work / "export_bf16"
+    if not bf16.exists():
+        shutil.copytree(work / "export", bf16)
+        cfg = json.loads((bf16 / "config.json").read_text())
+        cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+        (bf16 / "config.json").write_text(json.dumps(cfg))
+    tool = load_tool("evaluate")
+    common = ["--tasks", "babilong_qa1", "--lengths", "1k", "--samples", "1", "--max-new-tokens", "2"]
+    common += ["--no-progress", "--fold-oversized-ids"]
+    out = work / "dtype.json"
+    for src, extra, want in [
+        (["--hf-dir", str(bf16)], [], "bfloat16"),  # the folder's dtype, not always float32
+        (["--hf-dir", str(bf16)], ["--dtype", "float32"], "float32"),
+        (["--hf-dir", str(work / "export")], [], "float32"),
+        (["--ckpt", str(work / "megatron")], ["--dtype", "bfloat16"], "bfloat16"),
+    ]:
+        assert tool.main(src + extra + common + ["--json", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["dtype"] == want and doc["results"][0]["dtype"] == want, (src, extra)

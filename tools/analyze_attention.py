@@ -49,8 +49,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="cpu",
         help="cuda: run under torchrun with --nproc-per-node = --tp",
     )
+    p.add_argument(
+        "--fold-oversized-ids",
+        action="store_true",
+        help="fold token ids beyond the model's vocabulary modulo its size instead of failing (tiny test models)",
+    )
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value, least in [
+        ("--samples", args.samples, 1),
+        ("--bins", args.bins, 1),
+        ("--tp", args.tp, 1),
+        ("--max-length", args.max_length, 1),
+        ("--heatmap-layer", args.heatmap_layer, 0),
+    ]:
+        if value is not None and value < least:
+            print(f"{p.prog}: error: {flag} must be at least {least}, got {value}", file=sys.stderr)
+            raise SystemExit(2)
+    return args
 
 
 def _analyze_one(args, ckpt: str, mode: str):
@@ -60,10 +76,14 @@ def _analyze_one(args, ckpt: str, mode: str):
     from megatron_focusft.convert.megatron_io import resolve_checkpoint
     from megatron_focusft.data import load_tokenizer
 
-    tok_dir = args.tokenizer or str(resolve_checkpoint(args.ckpt) / "tokenizer")
+    tok_dir = args.tokenizer or str(resolve_checkpoint(ckpt) / "tokenizer")  # the analysed checkpoint's
     tokenizer = load_tokenizer(tok_dir)
     samples = load_samples(args.data, tokenizer, limit=args.samples, max_length=args.max_length)
     model, arch = load_probe_model(ckpt)
+    if args.heatmap_layer is not None and args.heatmap_layer >= arch.num_layers:
+        raise ValueError(
+            f"--heatmap-layer {args.heatmap_layer}: {ckpt} has {arch.num_layers} layers (0..{arch.num_layers - 1})"
+        )
     if args.device == "cuda":
         model = model.cuda()
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -75,6 +95,8 @@ def _analyze_one(args, ckpt: str, mode: str):
         bins=args.bins,
         heatmap_layer=args.heatmap_layer,
         progress=rank0 and not args.no_progress,
+        fold_vocab=args.fold_oversized_ids,
+        source=f"tokenizer {tok_dir}, checkpoint {ckpt}",
     )
 
 
@@ -107,7 +129,10 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # usage errors (and --help): the exit status
+        return e.code if isinstance(e.code, int) else 2
     from megatron_focusft.models.qwen2 import ConfigError
 
     try:

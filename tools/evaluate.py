@@ -7,8 +7,11 @@ generated from a seed at the requested lengths, answered by greedy decoding, sco
     python tools/evaluate.py --hf-dir exported/ --tasks all --lengths 4k
 
 Megatron decoding uses a KV cache (Megatron's static inference context) with chunked prefill, on any
-``--tp`` size; ``--hf-dir`` decodes with the exported Hugging Face model instead.  Exit status: 0 on
-success, 2 on bad usage.
+``--tp`` size; ``--hf-dir`` decodes with the exported Hugging Face model instead (greedy whatever its
+generation_config.json says), in the checkpoint's dtype unless ``--dtype``.  A prompt of length N is, as
+in RULER, the chat prompt (with RULER's answer prefix) plus the generation budget in at most N positions.
+Token ids beyond the model's vocabulary (a foreign tokenizer) are an error.  Exit status: 0 on success,
+2 on bad usage.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (16 .. 128)")
     p.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per prefill pass")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weights' dtype for decoding (default auto: the checkpoint's own)",
+    )
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="default: CKPT/tokenizer or HF_DIR")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="accuracy table + predictions")
     p.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="accuracy table (Markdown)")
@@ -52,8 +61,48 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="cpu",
         help="cuda: run under torchrun with --nproc-per-node = --tp",
     )
+    p.add_argument(
+        "--fold-oversized-ids",
+        action="store_true",
+        help="fold token ids beyond the model's vocabulary modulo its size instead of failing (tiny test models)",
+    )
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    validate_args(args, p.prog)
+    return args
+
+
+def _fail(prog: str, message: str):
+    """A one-line usage error naming the flag; exit status 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def validate_args(args, prog: str = "evaluate.py") -> None:
+    from megatron_focusft.analysis.tasks import parse_length
+
+    try:
+        args.task_names = task_list(args.tasks)
+    except ValueError as e:
+        _fail(prog, f"--tasks: {e}")
+    if not args.task_names:
+        _fail(prog, f"--tasks: no task in {args.tasks!r}")
+    try:
+        args.length_values = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError as e:
+        _fail(prog, f"--lengths: {e}")
+    if not args.length_values:
+        _fail(prog, f"--lengths: no length in {args.lengths!r}")
+    if any(n < 1 for n in args.length_values):
+        _fail(prog, f"--lengths: lengths must be positive, got {args.lengths!r}")
+    for flag, value in [
+        ("--samples", args.samples),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--prefill-chunk", args.prefill_chunk),
+        ("--tp", args.tp),
+    ]:
+        if value is not None and value < 1:
+            _fail(prog, f"{flag} must be at least 1, got {value}")
 
 
 def task_list(spec: str) -> list[str]:
@@ -63,10 +112,12 @@ def task_list(spec: str) -> list[str]:
     for name in (s.strip() for s in spec.split(",") if s.strip()):
         if name in ("all", "babilong", "ruler"):
             out += [t for t in TASKS if name == "all" or t.startswith(name + "_")]
-        else:
-            full = name if name in TASKS else f"ruler_{name}" if f"ruler_{name}" in TASKS else f"babilong_{name}"
-            check_task(full)
-            out.append(full)
+            continue
+        full = next((t for t in (name, f"ruler_{name}", f"babilong_{name}") if t in TASKS), None)
+        if full is None:
+            raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, babilong, ruler, all")
+        check_task(full)
+        out.append(full)
     return list(dict.fromkeys(out))
 
 
@@ -89,16 +140,22 @@ def run(args) -> list[dict]:
     from megatron_focusft.analysis.tasks import generate, parse_length
     from megatron_focusft.data import load_tokenizer
 
-    tokenizer = load_tokenizer(_tokenizer_dir(args))
+    tok_dir = _tokenizer_dir(args)
+    tokenizer = load_tokenizer(tok_dir)
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
-    samples = generate(task_list(args.tasks), lengths, args.samples, tokenizer, args.seed, args.haystack)
+    if not lengths:
+        raise ValueError("--lengths: no length given")
+    samples = generate(
+        task_list(args.tasks), lengths, args.samples, tokenizer, args.seed, args.haystack, args.max_new_tokens
+    )
     eos = ev.eos_ids(tokenizer)
     if args.hf_dir:
         from transformers import AutoModelForCausalLM
 
         from megatron_focusft.analysis.generate import hf_greedy
 
-        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype).eval()
         if args.device == "cuda":
             model = model.cuda()
         vocab = model.config.vocab_size
@@ -108,20 +165,38 @@ def run(args) -> list[dict]:
     else:
         from megatron_focusft.analysis.generate import load_generation_model, megatron_greedy
 
-        model, arch = load_generation_model(args.ckpt)
+        model, arch = load_generation_model(args.ckpt, None if args.dtype == "auto" else getattr(torch, args.dtype))
         if args.device == "cuda":
             model = model.cuda()
         vocab = arch.vocab_size
 
         def decode(ids, n):
-            return megatron_greedy(model, ids, n, vocab, eos, prefill_chunk=args.prefill_chunk)
+            return megatron_greedy(
+                model, ids, n, vocab, eos, prefill_chunk=args.prefill_chunk, max_positions=arch.max_position_embeddings
+            )
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    return ev.evaluate(decode, samples, tokenizer, args.max_new_tokens, vocab, progress=rank0 and not args.no_progress)
+    dtype_used = str(next(model.parameters()).dtype).removeprefix("torch.")
+    results = ev.evaluate(
+        decode,
+        samples,
+        tokenizer,
+        args.max_new_tokens,
+        vocab,
+        progress=rank0 and not args.no_progress,
+        fold_vocab=args.fold_oversized_ids,
+        source=f"tokenizer {tok_dir}, checkpoint {args.ckpt or args.hf_dir}",
+    )
+    for r in results:
+        r["dtype"] = dtype_used
+    return results
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # usage errors (and --help): the exit status
+        return e.code if isinstance(e.code, int) else 2
     from megatron_focusft.analysis import evaluate as ev
     from megatron_focusft.data import DataError
     from megatron_focusft.models.qwen2 import ConfigError
@@ -153,6 +228,7 @@ def main(argv=None) -> int:
             "model": args.ckpt or args.hf_dir,
             "seed": args.seed,
             "samples_per_cell": args.samples,
+            "dtype": results[0]["dtype"] if results else None,
             "accuracy": {t: {str(n): a for n, a in by.items()} for t, by in table.items()},
             "results": results,
         }

@@ -46,6 +46,8 @@ def load_samples(data: str, tokenizer, limit: int | None = None, max_length: int
 
     Samples without a response token are skipped; ``limit`` keeps the first N.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     samples: list[Sample] = []
     if os.path.exists(data + ".json") and not data.endswith((".jsonl", ".json")):
         from megatron_focusft.data import PackedDataset
@@ -74,18 +76,31 @@ def load_samples(data: str, tokenizer, limit: int | None = None, max_length: int
     return samples
 
 
-def fold_tokens(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
-    """Token ids as a [1, s] tensor; ids the model's vocabulary lacks (a tiny test model read with a real
-    tokenizer) are folded modulo the vocabulary size, with a warning."""
-    t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
-    if int(t.max()) >= vocab_size:
-        warnings.warn(
-            f"token ids up to {int(t.max())} exceed the model's vocabulary ({vocab_size}); folding them "
-            "modulo the vocabulary size (only meaningful for tiny test models)",
-            stacklevel=2,
+def check_token_ids(ids, vocab_size: int, *, fold: bool = False, source: str = ""):
+    """``ids`` unchanged when every id is below ``vocab_size``.  Otherwise the tokenizer does not belong to
+    the model: a ValueError naming ``source`` (e.g. the tokenizer folder and the checkpoint), unless ``fold``
+    (an explicit opt-in for tiny test models read with a real tokenizer) folds them modulo the vocabulary."""
+    top = int(np.max(np.asarray(ids))) if len(ids) else -1
+    if top < vocab_size:
+        return ids
+    if not fold:
+        where = f" ({source})" if source else ""
+        raise ValueError(
+            f"token id {top} is outside the model's vocabulary of {vocab_size}: the tokenizer does not belong "
+            f"to the checkpoint{where}; pass the checkpoint's own tokenizer"
         )
-        t = t % vocab_size
-    return t
+    warnings.warn(
+        f"token ids up to {top} exceed the model's vocabulary ({vocab_size}); folded modulo the vocabulary size "
+        "as asked (only meaningful for tiny test models)",
+        stacklevel=2,
+    )
+    return [int(i) % vocab_size for i in ids] if isinstance(ids, list) else np.asarray(ids) % vocab_size
+
+
+def fold_tokens(ids: np.ndarray, vocab_size: int, *, fold: bool = False, source: str = "") -> torch.Tensor:
+    """Token ids as a [1, s] tensor, checked by :func:`check_token_ids` (folded only with ``fold``)."""
+    ids = check_token_ids(np.asarray(ids, dtype=np.int64), vocab_size, fold=fold, source=source)
+    return torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
 
 
 @torch.no_grad()
@@ -100,15 +115,21 @@ def analyze(
     grid: int = 128,
     chunk_elements: int | None = None,
     progress: bool = False,
+    fold_vocab: bool = False,
+    source: str = "",
 ) -> AttentionStats:
     """Per-layer sink mass / context engagement / positional profile, averaged over ``samples``.
 
     ``heatmap_layer`` (0-based, default the middle layer): its pooled attention map on the first sample.
+    Token ids beyond the vocabulary are a ValueError naming ``source`` (see :func:`check_token_ids`;
+    ``fold_vocab`` folds them instead, for tiny test models).
     Collective under tensor parallelism (every rank passes the same samples).
     """
     num_layers = len(model.decoder.layers)
     if heatmap_layer is None:
         heatmap_layer = num_layers // 2
+    if not 0 <= heatmap_layer < num_layers:
+        raise ValueError(f"heatmap_layer {heatmap_layer} is out of range: the model has {num_layers} layers")
     vocab_size = vocab_size or model.embedding.word_embeddings.num_embeddings
     category, profile, heat = [], [], None
     for n, sample in enumerate(tqdm(samples, desc="attention", disable=not progress, unit="sample")):
@@ -122,7 +143,9 @@ def analyze(
             grid=grid,
             **kwargs,
         )
-        tokens = fold_tokens(sample.input_ids, vocab_size).to(next(model.parameters()).device)
+        tokens = fold_tokens(sample.input_ids, vocab_size, fold=fold_vocab, source=source).to(
+            next(model.parameters()).device
+        )
         decoder_hidden_states(model, tokens, probe)
         c, p, h = probe.finish()
         category.append(c)

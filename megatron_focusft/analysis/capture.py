@@ -167,12 +167,13 @@ class ProbeAttention(DenseAttention):
         out = torch.empty_like(q)
         chunk = probe.chunk_rows(heads)
         kt = k[0].transpose(-1, -2).float()
+        vf = v[0].float()  # once per layer, not once per query chunk
         for a in range(0, s, chunk):
             e = min(s, a + chunk)
             scores = torch.matmul(q[0, :, a:e].float(), kt) * scale  # [heads, rows, s]
             allowed = probe.mask.rows(a, e)[0].to(q.device)  # [rows, s]
             probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-            out[0, :, a:e] = torch.matmul(probs, v[0].float()).to(out.dtype)
+            out[0, :, a:e] = torch.matmul(probs, vf).to(out.dtype)
             probe.record(self.layer_number - 1, probs, a)
         return from_bhsd(out, thd)
 

@@ -4,29 +4,24 @@
 :func:`~megatron_focusft.analysis.generate.megatron_greedy` or
 :func:`~megatron_focusft.analysis.generate.hf_greedy` bound to a model.  Prompts are one user turn
 rendered with the checkpoint's chat template (the built-in Qwen2.5 renderer when it has none) followed by
-the assistant header.
+the assistant header and the task's answer prefix (RULER tasks).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 
 from tqdm import tqdm
 
-from megatron_focusft.analysis.tasks import score_sample
+from megatron_focusft.analysis.tasks import MAX_NEW_TOKENS, max_new_tokens_for, score_sample
 
-# RULER's / BABILong's generation budgets.
-MAX_NEW_TOKENS = {"babilong": 16, "ruler_niah_mv": 128, "ruler_cwe": 120, "ruler_vt": 30}
-
-
-def max_new_tokens_for(task: str) -> int:
-    return MAX_NEW_TOKENS.get(task, MAX_NEW_TOKENS["babilong"] if task.startswith("babilong") else 64)
+__all__ = ["MAX_NEW_TOKENS", "accuracy_table", "evaluate", "markdown_table", "max_new_tokens_for", "prompt_ids"]
 
 
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` as a user turn plus the assistant header, in the checkpoint's chat format."""
+def prompt_ids(tokenizer, text: str, answer_prefix: str = "") -> list[int]:
+    """Token ids of ``text`` as a user turn plus the assistant header, in the checkpoint's chat format,
+    followed by ``answer_prefix`` (RULER's per-task start of the answer; the model continues it)."""
     from megatron_focusft.data.chat import Qwen25Renderer, TemplateRenderer, make_renderer
 
     renderer = make_renderer(tokenizer)
@@ -36,23 +31,12 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     else:
         assert isinstance(renderer, Qwen25Renderer)
         rendered = "".join(s.text for s in renderer.render(messages, None)) + "<|im_start|>assistant\n"
-    return tokenizer.encode(rendered)
+    return tokenizer.encode(rendered + answer_prefix)
 
 
 def eos_ids(tokenizer) -> list[int]:
     ids = [tokenizer.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
     return [i for i in ids if i is not None]
-
-
-def fold(ids: list[int], vocab_size: int | None) -> list[int]:
-    """Ids beyond a (tiny test) model's vocabulary are folded modulo its size, with a warning."""
-    if vocab_size is None or max(ids) < vocab_size:
-        return ids
-    warnings.warn(
-        f"prompt token ids exceed the model's vocabulary ({vocab_size}); folded (tiny test models only)",
-        stacklevel=2,
-    )
-    return [i % vocab_size for i in ids]
 
 
 def evaluate(
@@ -62,11 +46,20 @@ def evaluate(
     max_new_tokens: int | None = None,
     vocab_size: int | None = None,
     progress: bool = True,
+    fold_vocab: bool = False,
+    source: str = "",
 ) -> list[dict]:
-    """Decode every sample and score it; one result dict per sample (prediction, score, sizes)."""
+    """Decode every sample and score it; one result dict per sample (prediction, score, sizes).
+
+    Prompt ids beyond ``vocab_size`` (a tokenizer that is not the model's) are a ValueError naming ``source``,
+    unless ``fold_vocab`` (tiny test models) folds them modulo the vocabulary."""
+    from megatron_focusft.analysis.analyze import check_token_ids
+
     results = []
     for s in tqdm(samples, desc="evaluate", unit="sample", disable=not progress):
-        ids = fold(prompt_ids(tokenizer, s["input"]), vocab_size)
+        ids = prompt_ids(tokenizer, s["input"], s.get("answer_prefix", ""))
+        if vocab_size is not None:
+            ids = check_token_ids(ids, vocab_size, fold=fold_vocab, source=source)
         new = decode(ids, max_new_tokens or max_new_tokens_for(s["task"]))
         stop = set(eos_ids(tokenizer))
         text = tokenizer.decode([t for t in new if t not in stop])

@@ -2,8 +2,8 @@
 
 The built-in filler is generated from a seed (sentences about weather, rivers and machines built from small
 word lists that share no word with the tasks' names, places or objects); a user-given text file is split
-into sentences and cycled.  :func:`fit_length` finds how many haystack units make a prompt hit a token
-budget (the prompt is re-tokenised exactly, a few times).
+into sentences and cycled.  :func:`fit_length` finds the most haystack units that keep a prompt within a
+token budget, from below (the prompt is re-tokenised exactly, a few times).
 """
 
 from __future__ import annotations
@@ -84,29 +84,32 @@ def fit_length(
     unit_tokens: float,
     tol: float = 0.005,
 ) -> tuple[str, int]:
-    """``render(k)`` with the ``k`` that brings its token count within ``tol`` of ``target`` (or closest).
+    """``render(k)`` with the largest ``k`` whose token count is at most ``target`` (RULER's rule: the prompt
+    is fitted from below, never over), stopping early once within ``tol`` of ``target``.
 
     ``unit_tokens``: a first guess of the tokens one unit adds.  Returns (text, token count).
     """
-    base = count(render(0))
+    text0 = render(0)
+    base = count(text0)
     if base > target:
-        raise ValueError(f"the task's fixed text alone has {base} tokens, more than the requested {target}")
-    k = max(0, int((target - base) / unit_tokens))
-    best: tuple[int, str, int] | None = None
-    tried: dict[int, int] = {}
-    for _ in range(12):
+        raise ValueError(f"the task's fixed text alone has {base} tokens, more than the {target} allowed")
+    lo, best = 0, (text0, base)  # the largest k known to fit, and its (text, count)
+    hi: int | None = None  # the smallest k known not to fit
+    k = max(1, int((target - base) / unit_tokens))
+    for _ in range(64):
+        if hi is not None:
+            k = min(k, hi - 1)
+        k = max(k, lo + 1)
+        if hi is not None and k >= hi:
+            break
         text = render(k)
         n = count(text)
-        tried[k] = n
-        if best is None or abs(n - target) < best[0]:
-            best = (abs(n - target), text, n)
-        if abs(n - target) <= tol * target:
-            break
-        per_unit = (n - base) / k if k else unit_tokens
-        step = int(round((target - n) / max(per_unit, 1e-6)))
-        if step == 0:
-            step = 1 if n < target else -1
-        k = max(0, k + step)
-        if k in tried:
-            break
-    return best[1], best[2]
+        if n <= target:
+            lo, best = k, (text, n)
+            if target - n <= tol * target:
+                break
+        else:
+            hi = k
+        per_unit = (n - base) / k
+        k += int(round((target - n) / max(per_unit, 1e-6)))
+    return best

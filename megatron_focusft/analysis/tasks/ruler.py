@@ -2,6 +2,10 @@
 
 Templates follow RULER's (Hsieh et al., 2024); the words, keys and values are generated from the seed.
 Every task has an :func:`oracle` that answers from the prompt text alone.
+
+Each task also has RULER's *answer prefix* (``answer_prefix`` in RULER's ``constants.py``), which RULER
+appends after the chat template's assistant header, so that the model's turn starts with it; it is part
+of the prompt, not of the scored prediction.  VT uses RULER's default ``vt`` task: one chain of 4 hops.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ CWE_TEMPLATE = (
     "Below is a numbered list of words. In these words, some appear more often than others. "
     "Memorize the ones that appear most often.\n{context}\n"
     "Question: What are the {n} most common words in the above list?"
+)
+NIAH_ANSWER_PREFIX = " Answer: The special magic numbers for {query} mentioned in the provided text are"
+CWE_ANSWER_PREFIX = " Answer: The top {n} words that appear most often in the list are:"
+# "assgined" is RULER's spelling; kept so that prompts match RULER's.
+VT_ANSWER_PREFIX = (
+    " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
+    "assgined the value {query}, they are: "
 )
 VT_TEMPLATE = (
     "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
@@ -59,7 +70,7 @@ def niah_mv(rng: random.Random, take: Callable[[int], list[str]], length: int, n
         context = " ".join(insert_at_depths(take(k), needles, depths))
         return NIAH_TEMPLATE.format(context=context, query=key)
 
-    return render, values, 25.0
+    return render, values, 25.0, NIAH_ANSWER_PREFIX.format(query=key)
 
 
 def cwe(rng: random.Random, take, length: int, num_common: int = 10, freq_common: int = 30, freq_rare: int = 3):
@@ -79,10 +90,10 @@ def cwe(rng: random.Random, take, length: int, num_common: int = 10, freq_common
         context = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(words))
         return CWE_TEMPLATE.format(context=context, n=num_common)
 
-    return render, common, 5.0 * freq_rare
+    return render, common, 5.0 * freq_rare, CWE_ANSWER_PREFIX.format(n=num_common)
 
 
-def vt(rng: random.Random, take, length: int, num_hops: int = 4, num_chains: int = 2):
+def vt(rng: random.Random, take, length: int, num_hops: int = 4, num_chains: int = 1):
     names: list[str] = []
     while len(names) < (num_hops + 1) * num_chains:
         n = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
@@ -105,7 +116,8 @@ def vt(rng: random.Random, take, length: int, num_hops: int = 4, num_chains: int
         context = " ".join(insert_at_depths(take(k), statements, depths))
         return VT_TEMPLATE.format(context=context, value=values[0])
 
-    return render, names[: num_hops + 1], 25.0
+    prefix = VT_ANSWER_PREFIX.format(num_v=num_hops + 1, query=values[0])
+    return render, names[: num_hops + 1], 25.0, prefix
 
 
 GENERATORS = {"niah_mv": niah_mv, "cwe": cwe, "vt": vt}

@@ -3,14 +3,14 @@
 - RULER ``string_match_all`` (NIAH multi-value, CWE, VT): the share of reference values that occur in the
   prediction, case-insensitively (``sum(r.lower() in pred.lower()) / len(refs)``); a task's score is the
   mean over samples, x100.
-- BABILong ``compare_answers``: the prediction (lower-cased, its first line) must contain the target label,
-  and no *other* label of the task (labels also named in the question do not count): listing every
-  location is not an answer.
+- BABILong ``compare_answers`` (booydar/babilong ``babilong/metrics.py``): the prediction is cut to its first
+  sentence by ``preprocess_output`` (lower-cased, cut at the first ``.``, then at ``<context>`` /
+  ``<example>`` / ``Question``); the task labels found in it as *substrings* (labels also named in the
+  question do not count) must be exactly the target (or, for a comma-separated target as in qa8, exactly
+  its parts): listing every location is not an answer.
 """
 
 from __future__ import annotations
-
-import re
 
 
 def string_match_all(prediction: str, references: list[str]) -> float:
@@ -21,18 +21,34 @@ def string_match_all(prediction: str, references: list[str]) -> float:
     return sum(1.0 for r in references if r.lower() in pred) / len(references)
 
 
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
+def babilong_preprocess_output(output: str) -> str:
+    """BABILong's ``preprocess_output``: the lower-cased first sentence of the prediction.
+
+    Ported from booydar/babilong ``metrics.py`` (written from memory of the official code, not copied):
+    lower-case, keep the text before the first ``.``, then before ``<context>``, ``<example>`` and
+    ``Question``.  As in the official code the ``Question`` cut comes after the lower-casing and so never
+    fires (a capitalised marker cannot occur in lower-cased text); kept as is so that scores match.
+    """
+    output = output.lower()
+    output = output.split(".")[0]
+    output = output.split("<context>")[0]
+    output = output.split("<example>")[0]
+    output = output.split("Question")[0]  # no-op after lower(), as in the official metrics.py
+    return output
 
 
 def babilong_match(prediction: str, target: str, labels: list[str] | tuple[str, ...], question: str = "") -> float:
-    """BABILong: 1.0 when the first line of the prediction names ``target`` and no other task label."""
-    first = prediction.strip().split("\n", 1)[0] if prediction.strip() else ""
-    said = _words(first)
+    """BABILong ``compare_answers``: 1.0 when the labels named (as substrings) in the prediction's first
+    sentence, less those named in the question, are exactly ``target`` (or its comma-separated parts)."""
+    output = babilong_preprocess_output(prediction)
     target = target.lower()
-    in_question = _words(question)
-    others = {lab.lower() for lab in labels} - {target} - in_question
-    return 1.0 if target in said and not (others & said) else 0.0
+    task_labels = {lab.lower() for lab in labels}
+    in_question = {lab for lab in task_labels if lab in question.lower()}
+    in_output = {lab for lab in task_labels if lab in output} - in_question
+    if "," in target and len(target) > 3:  # several sub-targets (qa8 "apple,milk")
+        parts = target.split(",")
+        return 1.0 if all(t in in_output for t in parts) and len(in_output) == len(parts) else 0.0
+    return 1.0 if target in in_output and len(in_output) == 1 else 0.0
 
 
 def score_sample(sample: dict, prediction: str) -> float:
