@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from megatron_focusft import runtime
+from megatron_focusft.analysis.cli import add_launch_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,19 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=None, help="truncate JSONL conversations (whole turns)")
     p.add_argument("--bins", type=int, default=32, help="positional-profile bins (default 32)")
     p.add_argument("--heatmap-layer", type=int, default=None, help="0-based (default: the middle layer)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (CPU)")
-    p.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cpu",
-        help="cuda: run under torchrun with --nproc-per-node = --tp",
-    )
-    p.add_argument(
-        "--fold-oversized-ids",
-        action="store_true",
-        help="fold token ids beyond the model's vocabulary modulo its size instead of failing (tiny test models)",
-    )
-    p.add_argument("--no-progress", action="store_true")
+    add_launch_args(p, tp_help="tensor-parallel processes (CPU)")
     args = p.parse_args(argv)
     for flag, value, least in [
         ("--samples", args.samples, 1),

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from megatron_focusft import runtime
+from megatron_focusft.analysis.cli import add_launch_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,19 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="default: CKPT/tokenizer or HF_DIR")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="accuracy table + predictions")
     p.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="accuracy table (Markdown)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (Megatron, CPU)")
-    p.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cpu",
-        help="cuda: run under torchrun with --nproc-per-node = --tp",
-    )
-    p.add_argument(
-        "--fold-oversized-ids",
-        action="store_true",
-        help="fold token ids beyond the model's vocabulary modulo its size instead of failing (tiny test models)",
-    )
-    p.add_argument("--no-progress", action="store_true")
+    add_launch_args(p, tp_help="tensor-parallel processes (Megatron, CPU)")
     args = p.parse_args(argv)
     validate_args(args, p.prog)
     return args
