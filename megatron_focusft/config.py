@@ -9,6 +9,7 @@ from megatron_focusft.masks import MASK_MODES
 
 TARGETS = ("gate", "up", "down")
 LOSS_REDUCTIONS = ("sample", "token")
+RECOMPUTE_GRANULARITIES = ("full", "selective")  # None: no recompute
 
 
 class FocuSFTConfigError(ValueError):
@@ -77,7 +78,7 @@ class FocuSFTConfig:
             raise FocuSFTConfigError(f"fast-weight targets {self.targets} must be a non-empty subset of {TARGETS}")
         if self.attention_mask not in MASK_MODES:
             raise FocuSFTConfigError(f"--attention-mask must be one of {MASK_MODES}, got {self.attention_mask!r}")
-        if self.recompute not in (None, "selective", "full"):
+        if self.recompute is not None and self.recompute not in RECOMPUTE_GRANULARITIES:
             raise FocuSFTConfigError(f"--recompute-granularity must be selective or full, got {self.recompute!r}")
         if self.loss_chunk_tokens < 1:
             raise FocuSFTConfigError("the loss chunk must hold at least one token")

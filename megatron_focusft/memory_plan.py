@@ -45,13 +45,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch
 
 GiB = 1024**3
 Recompute = Literal["none", "selective", "full"]
 Backend = Literal["flex", "dense"]
+BACKENDS: tuple[str, ...] = get_args(Backend)  # the attention backends the plan models
 BF16, FP32 = 2, 4
 ADAM_STATE_BYTES = 12  # fp32 master weight + Adam m + Adam v
 

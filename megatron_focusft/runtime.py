@@ -89,10 +89,17 @@ def apply_cpu_shim() -> None:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """The parallel sizes of one run. Data parallelism takes what is left of the world."""
+    """The parallel sizes of one run. Data parallelism takes what is left of the world.
+
+    ``sequence_parallel`` splits the activations outside attention along the tensor-parallel group (Megatron's
+    sequence parallelism); Megatron's parallel state does not depend on it, the model and the packing do."""
 
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor_model_parallel_size * self.context_parallel_size)
 
     def validate(self, world_size: int) -> None:
         model_parallel = self.tensor_model_parallel_size * self.context_parallel_size

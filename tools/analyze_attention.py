@@ -20,8 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_focusft import runtime
+from megatron_focusft import flags, runtime
 from megatron_focusft.analysis.cli import add_launch_args
+from megatron_focusft.masks import MASK_MODES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,10 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", default=None, metavar="CKPT", help="a second checkpoint, side by side")
     p.add_argument("--data", required=True, metavar="PREFIX_OR_JSONL", help="conversations to analyse")
     p.add_argument("--samples", type=int, default=8, help="conversations to average over (default 8)")
-    p.add_argument("--attention-mask", choices=["causal", "glm"], default="causal", help="mask for the pass")
+    flags.add_attention_mask_flag(p, default="causal", help="mask for the pass")
     p.add_argument(
         "--compare-attention-mask",
-        choices=["causal", "glm"],
+        choices=MASK_MODES,
         default=None,
         help="mask for --compare (default: --attention-mask)",
     )
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, value, least in [
         ("--samples", args.samples, 1),
         ("--bins", args.bins, 1),
-        ("--tp", args.tp, 1),
+        ("--tp", args.tensor_model_parallel_size, 1),
         ("--max-length", args.max_length, 1),
         ("--heatmap-layer", args.heatmap_layer, 0),
     ]:
@@ -126,9 +127,10 @@ def main(argv=None) -> int:
 
     try:
         if args.device == "cpu":
-            out = runtime.launch_cpu_processes(run, args.tp, runtime.ParallelLayout(args.tp), (args,))
+            layout = flags.parallel_layout(args)
+            out = runtime.launch_cpu_processes(run, layout.tensor_model_parallel_size, layout, (args,))
         else:
-            runtime.initialize("cuda", runtime.ParallelLayout(args.tp))
+            runtime.initialize("cuda", flags.parallel_layout(args))
             out = run(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-from megatron_focusft import benchmark, runtime
+from megatron_focusft import benchmark, flags, memory_plan, runtime
 from megatron_focusft.analysis.tasks import parse_length
-from megatron_focusft.config import FocuSFTConfig, FocuSFTConfigError
+from megatron_focusft.config import FocuSFTConfigError
 from megatron_focusft.convert.megatron_io import DTYPES
 from megatron_focusft.models.qwen2 import ConfigError, get_preset, tiny_arch
 
@@ -26,19 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="'tiny' or a Qwen2.5 preset, e.g. qwen2.5-1.5b")
     p.add_argument("--seq-length", default="4096", help="tokens per pack; several: 4k,8k,16k,32k")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    flags.add_device_flag(p, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument(
-        "--attention-backend",
-        "--backend",
-        dest="backend",
-        choices=("flex", "dense"),
-        default=None,
-        help="default: flex on cuda, dense on cpu (FlexAttention has no CPU backward)",
-    )
-    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
-    p.add_argument("--focusft-inner-steps", type=int, default=2)
-    p.add_argument("--focusft-lora-rank", type=int, default=32)
+    flags.add_attention_backend_flag(p, backends=memory_plan.BACKENDS)  # each row is also planned
+    flags.add_recompute_flag(p)
+    flags.add_focusft_flags(p, "--focusft-inner-steps", "--focusft-lora-rank")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: known GPUs' bf16 peak")
@@ -46,13 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arch = tiny_arch() if args.preset == "tiny" else get_preset(args.preset)
         seq_lens = [parse_length(x) for x in args.seq_length.split(",")]
-        backend = args.backend or ("flex" if args.device == "cuda" else "dense")
-        base = FocuSFTConfig(
-            inner_steps=args.focusft_inner_steps,
-            lora_rank=args.focusft_lora_rank,
-            attention_backend=backend,
-            recompute=None if args.recompute == "none" else args.recompute,
-        )
+        base = flags.focusft_config(args, device=args.device)
+        backend = base.attention_backend
         base.validate(hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size)
     except (ConfigError, FocuSFTConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -68,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = benchmark.run(arch, seq_lens, base, device, DTYPES[args.dtype], args.warmup, args.iters, peak)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
-        f"{args.preset}, {args.dtype}, {backend} attention, recompute {args.recompute}, "
+        f"{args.preset}, {args.dtype}, {backend} attention, recompute {base.recompute or flags.RECOMPUTE_OFF}, "
         f"K={base.inner_steps}, rank {base.lora_rank}, {device_name}, torch {torch.__version__}"
     )
     print(benchmark.format_table(rows))

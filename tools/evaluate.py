@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_focusft import runtime
+from megatron_focusft import flags, runtime
 from megatron_focusft.analysis.cli import add_launch_args
 
 
@@ -88,7 +88,7 @@ def validate_args(args, prog: str = "evaluate.py") -> None:
         ("--samples", args.samples),
         ("--max-new-tokens", args.max_new_tokens),
         ("--prefill-chunk", args.prefill_chunk),
-        ("--tp", args.tp),
+        ("--tp", args.tensor_model_parallel_size),
     ]:
         if value is not None and value < 1:
             _fail(prog, f"{flag} must be at least 1, got {value}")
@@ -193,10 +193,10 @@ def main(argv=None) -> int:
     try:
         task_list(args.tasks)
         if args.hf_dir or args.device == "cpu":
-            nproc = 1 if args.hf_dir else args.tp
+            nproc = 1 if args.hf_dir else args.tensor_model_parallel_size
             results = runtime.launch_cpu_processes(run, nproc, runtime.ParallelLayout(nproc), (args,))
         else:
-            runtime.initialize("cuda", runtime.ParallelLayout(args.tp))
+            runtime.initialize("cuda", flags.parallel_layout(args))
             results = run(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_focusft import memory_plan
+from megatron_focusft import flags, memory_plan
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, get_preset
 
 
@@ -41,18 +41,13 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", default="qwen2.5-7b", help="a Qwen2.5 preset (qwen2.5-0.5b ... qwen2.5-72b)")
     model.add_argument("--hf-config", help="a Hugging Face config.json (or the folder holding it)")
     p.add_argument("--seq-length", type=int, default=4096, help="pack length in tokens")
-    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
-    p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1)
+    flags.add_parallel_flags(p)
     p.add_argument("--dp", type=int, default=None, help="data-parallel size [num-gpus / (TP*CP), else 1]")
     p.add_argument("--num-gpus", type=int, default=None, help="world size (gives DP when --dp is not set)")
-    p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
-    p.add_argument("--attention-backend", choices=("flex", "dense"), default="flex")
-    p.add_argument("--bilevel", action=argparse.BooleanOptionalAction, default=True, help="FocuSFT (default) or SFT")
-    p.add_argument("--focusft-inner-steps", type=int, default=2)
-    p.add_argument("--focusft-layer-fraction", type=float, default=0.35)
-    p.add_argument("--focusft-lora-rank", type=int, default=32)
+    flags.add_micro_batch_flag(p)
+    flags.add_recompute_flag(p)
+    flags.add_attention_backend_flag(p, backends=memory_plan.BACKENDS, default="flex")
+    flags.add_focusft_flags(p, "--bilevel", "--focusft-inner-steps", "--focusft-layer-fraction", "--focusft-lora-rank")
     p.add_argument("--documents-per-pack", type=int, default=8, help="documents per packed sequence (fast weights)")
     p.add_argument("--response-fraction", type=float, default=0.15, help="share of tokens that are response tokens")
     p.add_argument(
@@ -73,17 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         arch = _arch(args)
+        parallel = flags.parallel_layout(args)
+        tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
         dp = args.dp
         if dp is None:
             dp = 1
             if args.num_gpus is not None:
-                if args.num_gpus < 1 or args.num_gpus % (args.tp * args.cp):
-                    raise ConfigError(f"--num-gpus {args.num_gpus} is not a multiple of TP*CP = {args.tp * args.cp}")
-                dp = args.num_gpus // (args.tp * args.cp)
-        layout = memory_plan.Layout(args.tp, args.cp, dp, args.sequence_parallel, args.micro_batch_size)
+                if args.num_gpus < 1 or args.num_gpus % (tp * cp):
+                    raise ConfigError(f"--num-gpus {args.num_gpus} is not a multiple of TP*CP = {tp * cp}")
+                dp = parallel.data_parallel_size(args.num_gpus)
+        layout = memory_plan.Layout(tp, cp, dp, parallel.sequence_parallel, args.micro_batch_size)
         work = memory_plan.Workload(
             seq_length=args.seq_length,
-            recompute=args.recompute,
+            recompute=flags.recompute_granularity(args) or flags.RECOMPUTE_OFF,
             attention_backend=args.attention_backend,
             focusft=args.bilevel,
             inner_steps=args.focusft_inner_steps,
