@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from megatron_focusft import runtime
 from megatron_focusft.training import loop
-from megatron_focusft.training.arguments import ArgumentError, build_parser, validate
+from megatron_focusft.training.arguments import ArgumentError, parse_args
+from megatron_focusft.training.errors import SetupError
+from megatron_focusft.training.plan import plan
 from tests.training_fixtures import tiny_dataset, tiny_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +235,7 @@ def test_sigusr1_under_the_slurm_launch_form_saves(setup_files, tmp_path):
 
 
 def _args(ckpt: Path, data: str, *extra: str):
-    return build_parser().parse_args(
+    return parse_args(
         ["--pretrained-checkpoint", str(ckpt), "--data-path", data, "--device", "cpu", "--train-iters", "1", *extra]
     )
 
@@ -277,8 +279,8 @@ def test_bad_flags_are_clear_errors_before_any_work(setup_files, tmp_path, extra
     (tmp_path / "existing").mkdir()
     paths = {"FILE": a_file, "CKPT": ckpt, "ITERS": iters, "EXISTING": tmp_path / "existing"}
     extra = [str(paths.get(e, e)) for e in extra]
-    with pytest.raises(ArgumentError, match=re.escape(message)):
-        validate(_args(ckpt, data, *extra), world_size=world)
+    with pytest.raises(SetupError, match=re.escape(message)):
+        plan(_args(ckpt, data, *extra), world_size=world)
 
 
 def test_train_main_reports_bad_flags_on_one_line(capsys, tmp_path):
@@ -331,24 +333,22 @@ def test_a_resume_with_changed_schedule_or_data_position_is_refused(setup_files,
     ckpt, data = setup_files
     other = tiny_dataset(tmp_path / "other", num_docs=80)
     change = [other if c == "OTHER" else c for c in change]
-    args = build_parser().parse_args(
-        [*_argv(ckpt, data, tmp_path, *SAVED_RUN), "--load", str(saved_run / "ckpt"), *change]
-    )
-    with pytest.raises(ArgumentError, match=re.escape(message)):
-        validate(args, world_size=1)
+    args = parse_args([*_argv(ckpt, data, tmp_path, *SAVED_RUN), "--load", str(saved_run / "ckpt"), *change])
+    with pytest.raises(SetupError, match=re.escape(message)):
+        plan(args, world_size=1)
 
 
 def test_the_same_flags_resume_and_a_finished_run_keeps_its_export(setup_files, saved_run, tmp_path):
     ckpt, data = setup_files
     argv = [*_argv(ckpt, data, saved_run, *SAVED_RUN), "--load", str(saved_run / "ckpt")]
-    validate(build_parser().parse_args(argv), world_size=1)  # finished + resumed: the existing export is fine
+    plan(parse_args(argv), world_size=1)  # finished + resumed: the existing export is fine
     # Unfinished (latest rolled back to iteration 1): the existing export folder is an error at the start.
     save = tmp_path / "ckpt"
     shutil.copytree(saved_run / "ckpt", save)
     (save / "latest").write_text("iter_0000001\n")
     argv = [*_argv(ckpt, data, saved_run, *SAVED_RUN), "--load", str(save)]
-    with pytest.raises(ArgumentError, match="already exists"):
-        validate(build_parser().parse_args(argv), world_size=1)
+    with pytest.raises(SetupError, match="already exists"):
+        plan(parse_args(argv), world_size=1)
 
 
 def test_a_stale_checkpoint_of_another_trajectory_is_replaced(setup_files, saved_run, tmp_path):
@@ -388,8 +388,6 @@ def test_a_stale_checkpoint_of_another_trajectory_is_replaced(setup_files, saved
     ],
 )
 def test_yaml_values_are_checked_like_flags(tmp_path, yaml_text, message):
-    from megatron_focusft.training.arguments import parse_args
-
     config = tmp_path / "run.yaml"
     config.write_text(yaml_text)
     with pytest.raises(ArgumentError, match=re.escape(f"--config {config}: {message}")):
@@ -397,13 +395,12 @@ def test_yaml_values_are_checked_like_flags(tmp_path, yaml_text, message):
 
 
 def test_yaml_values_get_the_flags_types(tmp_path):
-    from megatron_focusft.training.arguments import parse_args
-
     config = tmp_path / "run.yaml"
     config.write_text("global-batch-size: 32\nlr: 1e-5\nsave: runs/x\nbilevel: false\nlr_decay_style: linear\n")
-    args = parse_args(["--config", str(config)])
-    assert (args.global_batch_size, args.lr, args.save, args.bilevel) == (32, 1e-5, Path("runs/x"), False)
-    assert type(args.global_batch_size) is int and type(args.lr) is float and args.lr_decay_style == "linear"
+    cfg = parse_args(["--config", str(config)])
+    batch, opt, save = cfg.batch, cfg.optimization, cfg.checkpoints.save
+    assert (batch.global_batch_size, opt.lr, save, cfg.focusft.bilevel) == (32, 1e-5, Path("runs/x"), False)
+    assert type(batch.global_batch_size) is int and type(opt.lr) is float and opt.lr_decay_style == "linear"
 
 
 # ---- data checks ----------------------------------------------------------------------------------------
@@ -412,14 +409,14 @@ def test_yaml_values_get_the_flags_types(tmp_path):
 def test_data_with_a_larger_vocabulary_than_the_model_is_refused(setup_files, tmp_path):
     ckpt, data = setup_files
     big = tiny_dataset(tmp_path / "big", meta={"vocab_size": 300})
-    with pytest.raises(ArgumentError, match="the data's vocab_size 300 is larger than the model's 256"):
-        validate(_args(ckpt, big), world_size=1)
-    validate(_args(ckpt, tiny_dataset(tmp_path / "ok", meta={"vocab_size": 256})), world_size=1)
+    with pytest.raises(SetupError, match="the data's vocab_size 300 is larger than the model's 256"):
+        plan(_args(ckpt, big), world_size=1)
+    plan(_args(ckpt, tiny_dataset(tmp_path / "ok", meta={"vocab_size": 256})), world_size=1)
 
 
 def test_a_longer_seq_length_warns_once(setup_files, capsys):
     ckpt, data = setup_files
-    validate(_args(ckpt, data, "--seq-length", "96"), world_size=1)
+    plan(_args(ckpt, data, "--seq-length", "96"), world_size=1)
     err = capsys.readouterr().err
     assert err.count("warning: --seq-length 96 is larger than the pack length 64") == 1
 
@@ -450,7 +447,8 @@ def test_wandb_run_resumes_with_the_save_folder(tmp_path, megatron_cpu, monkeypa
 
     def start(save):
         argv = ["--wandb-project", "p", "--no-progress"] + (["--save", str(save)] if save else [])
-        MetricsLogger(build_parser().parse_args(argv), 10, 0, None).close()
+        cfg = parse_args(argv)
+        MetricsLogger(cfg.logging, 10, 0, None, save_dir=cfg.checkpoints.save, run_config=cfg.to_dict()).close()
 
     start(tmp_path / "run")
     start(tmp_path / "run")
@@ -478,8 +476,8 @@ def test_a_non_finite_gradient_skips_the_update(megatron_cpu):
     from megatron_focusft.training.optimizer import CpuOptimizer
 
     lin = torch.nn.Linear(3, 2)
-    args = build_parser().parse_args(["--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0", "--clip-grad", "0"])
-    opt = CpuOptimizer(lin, args)
+    cfg = parse_args(["--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0", "--clip-grad", "0"])
+    opt = CpuOptimizer(lin, cfg.optimization)
     before = [p.detach().clone() for p in lin.parameters()]
     for p in lin.parameters():
         p.main_grad = torch.ones_like(p)
@@ -497,18 +495,17 @@ def test_a_non_finite_gradient_skips_the_update(megatron_cpu):
 def test_gpu_sgd_has_no_momentum_like_cpu_sgd(megatron_cpu):
     from megatron_focusft.training.optimizer import CpuOptimizer, megatron_optimizer_config
 
-    args = build_parser().parse_args(["--optimizer", "sgd"])
-    cpu = CpuOptimizer(torch.nn.Linear(2, 2), args)
-    assert megatron_optimizer_config(args).sgd_momentum == cpu.param_groups[0]["momentum"] == 0.0
+    cfg = parse_args(["--optimizer", "sgd"])
+    cpu = CpuOptimizer(torch.nn.Linear(2, 2), cfg.optimization)
+    megatron = megatron_optimizer_config(cfg.optimization, bf16=cfg.model.bf16)
+    assert megatron.sgd_momentum == cpu.param_groups[0]["momentum"] == 0.0
 
 
 # ---- validation loss ------------------------------------------------------------------------------------
 
 
 def _evaluate_worker(argv: list[str]) -> float:
-    from megatron_focusft.training.arguments import parse_args
-
-    return loop.evaluate(loop.setup(parse_args(argv)))
+    return loop.evaluate(loop.setup(plan(parse_args(argv))))
 
 
 def _oracle_valid_loss(hf_dir: Path, prefix: str, mode: str) -> float:
@@ -556,9 +553,7 @@ def test_training_logs_the_validation_loss(setup_files, tmp_path, capfd):
 
 
 def _one_step_metrics(argv: list[str]) -> dict:
-    from megatron_focusft.training.arguments import parse_args
-
-    return loop.train_step(loop.setup(parse_args(argv)))
+    return loop.train_step(loop.setup(plan(parse_args(argv))))
 
 
 def test_a_step_counts_the_tokens_and_flops_of_the_whole_global_batch(setup_files, tmp_path):

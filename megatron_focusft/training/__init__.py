@@ -1,1 +1,2 @@
-"""The training program: flags, the loop, checkpoints, logs (optimizer and scheduler from megatron-core)."""
+"""The training program: arguments (flags -> TrainConfig) -> plan (checks and reads, once) -> loop (build, train),
+with checkpoints, the optimizer and the logs (optimizer and scheduler from megatron-core)."""

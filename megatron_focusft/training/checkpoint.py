@@ -4,6 +4,10 @@ Each checkpoint is written under a temporary name (``.iter_N.partial``) and rena
 ``latest`` is replaced atomically afterwards, so a job killed at any moment leaves the previous checkpoint
 loadable.  The model part is the same format as the converter's output, so
 ``tools/convert_megatron_to_hf.py --ckpt SAVE`` exports any checkpoint training wrote.
+
+Resuming: :func:`find_resume` finds the checkpoint of ``--load``, :func:`read_train_state` reads its
+``train_state.pt`` (once, in the plan), :func:`check_resume_compatible` refuses a resume whose run or schedule
+differ, and :func:`load_checkpoint` restores the optimizer, scheduler and RNG states from it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +25,12 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
-from megatron_focusft.convert.megatron_io import LATEST_FILE, CheckpointMeta, load_model, save_model
-from megatron_focusft.training.arguments import TRAIN_STATE_FILE, ArgumentError
+from megatron_focusft.convert.megatron_io import LATEST_FILE, CheckpointMeta, latest_checkpoint, save_model
+from megatron_focusft.models.qwen2 import ConfigError
+from megatron_focusft.training.errors import SetupError
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
+TRAIN_STATE_FILE = "train_state.pt"
 
 
 @dataclass
@@ -32,6 +38,105 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     skipped_iterations: int = 0  # optimizer steps skipped for a non-finite gradient norm
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a resumed run must share with the run that saved: otherwise the data position is wrong."""
+
+    seed: int
+    global_batch_size: int
+    num_packs: int
+
+
+# The flags behind each value of the run and of the scheduler, for the messages of a refused resume.
+_RUN_FLAGS = {"seed": "--seed", "global_batch_size": "--global-batch-size", "num_packs": "--data-path (packs)"}
+_SCHEDULER_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-fraction (warm-up iterations)",
+    "lr_decay_steps": "--train-iters/--epochs (iterations)",
+    "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay",
+}
+
+
+@dataclass(frozen=True)
+class SavedTrainState:
+    """A checkpoint's ``train_state.pt``: the loop's state, the scheduler's ``state_dict()`` and the run."""
+
+    checkpoint: Path
+    state: TrainState
+    scheduler: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)  # RunIdentity's fields (absent in older checkpoints)
+
+
+def find_resume(load: Path | None, save: Path | None) -> Path | None:
+    """The checkpoint ``--load`` resumes from, None for a fresh start, or an error for a bad ``--load``.
+
+    A ``--load`` folder that holds no checkpoint yet (no ``latest``, no ``iter_*`` folder: e.g. only the
+    ``tokenizer/`` and logs a first job wrote into ``SAVE`` before it crashed) starts fresh, so a requeued
+    job with ``--load SAVE --save SAVE`` works.  A model checkpoint without training state (a converted
+    model) is an error pointing at ``--pretrained-checkpoint``.
+    """
+    if load is None:
+        return None
+    load = Path(load)
+    if not load.exists():
+        if save is not None and load.resolve() == Path(save).resolve():
+            return None  # a first run with --load == --save (auto-resume on SLURM)
+        raise SetupError(f"--load {load}: no such checkpoint folder")
+    if not load.is_dir():
+        raise SetupError(f"--load {load} is not a folder (give a --save folder of an earlier run)")
+    try:
+        found = latest_checkpoint(load)
+    except ConfigError as e:
+        raise SetupError(f"--load {load}: {e}") from None
+    if found is None:
+        iters = sorted(p.name for p in load.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+        if iters:
+            raise SetupError(
+                f"--load {load} holds {', '.join(iters)} but no '{LATEST_FILE}' file; write the name of the "
+                f"checkpoint to resume from into {load / LATEST_FILE}, or --load that iter_* folder itself"
+            )
+        return None  # no checkpoint yet: a fresh start (setup says so)
+    if not (found / TRAIN_STATE_FILE).is_file():
+        raise SetupError(
+            f"--load {load}: {found} is a model checkpoint without training state (no {TRAIN_STATE_FILE}), "
+            f"e.g. a converted model; to start training from it use --pretrained-checkpoint {found}"
+        )
+    return found
+
+
+def read_train_state(ckpt: Path) -> SavedTrainState:
+    """``ckpt/train_state.pt`` (written by :func:`save_checkpoint` on rank 0)."""
+    try:
+        saved = torch.load(ckpt / TRAIN_STATE_FILE, weights_only=False)
+        return SavedTrainState(ckpt, TrainState(**saved["state"]), saved["scheduler"], saved.get("run", {}))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error for the user
+        raise SetupError(f"{ckpt / TRAIN_STATE_FILE}: unreadable ({e})") from None
+
+
+def check_resume_compatible(load: Path, saved: SavedTrainState, run: RunIdentity, scheduler: dict) -> None:
+    """Refuse a resume (from ``--load load``) whose seed, global batch size, data or learning-rate schedule
+    (``scheduler``: keyed like ``OptimizerParamScheduler.state_dict()``) differ from the checkpoint's."""
+    for key, value in asdict(run).items():
+        if key in saved.run and saved.run[key] != value:
+            raise SetupError(
+                f"{_RUN_FLAGS[key]} is {value} but the checkpoint in --load {load} was trained with "
+                f"{saved.run[key]}; resuming would read the data at the wrong position (use the same value or a "
+                "new --save)"
+            )
+    diffs = [
+        f"{_SCHEDULER_FLAGS[k]} {v} (checkpoint: {saved.scheduler[k]})"
+        for k, v in scheduler.items()
+        if k in saved.scheduler and saved.scheduler[k] != v
+    ]
+    if diffs:
+        raise SetupError(
+            f"--load {load}: the learning-rate schedule differs from the checkpoint's: {'; '.join(diffs)}; "
+            "resume with the same values (or start a new run with --pretrained-checkpoint)"
+        )
 
 
 def _rank0() -> bool:
@@ -68,7 +173,7 @@ def save_checkpoint(
     meta: CheckpointMeta,
     tokenizer_dir: Path | None,
     keep: int,
-    run: dict | None = None,
+    run: RunIdentity | None = None,
 ) -> Path:
     """Write ``save_dir/iter_{iteration}`` (collective), point ``latest`` at it, drop all but ``keep``.
 
@@ -96,7 +201,7 @@ def save_checkpoint(
         (tmp / "rank_state").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rank_state" / f"rank_{dist.get_rank():05d}.pt")
         if _rank0():
-            saved = {"state": state.__dict__, "scheduler": scheduler.state_dict(), "run": dict(run or {})}
+            saved = {"state": state.__dict__, "scheduler": scheduler.state_dict(), "run": asdict(run) if run else {}}
             torch.save(saved, tmp / TRAIN_STATE_FILE)
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
                 copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
@@ -106,36 +211,42 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if _rank0():
-        if replace:
-            old = save_dir / f".{name}.stale"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        pointer = save_dir / f".{LATEST_FILE}.tmp"
-        pointer.write_text(name + "\n")
-        os.replace(pointer, save_dir / LATEST_FILE)
-        old = sorted(p for p in save_dir.iterdir() if ITER_DIR.match(p.name) and p.name != name)
-        for stale in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(stale, ignore_errors=True)
+        _publish(save_dir, tmp, name, replace, keep)
     dist.barrier()
     return final
 
 
-def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
-    """Restore everything :func:`save_checkpoint` wrote (collective)."""
-    saved = torch.load(ckpt_dir / TRAIN_STATE_FILE, weights_only=False)
-    try:  # the flags were compared before (arguments.check_resume_compatible); this is the last guard
-        scheduler.load_state_dict(saved["scheduler"])
+def _publish(save_dir: Path, tmp: Path, name: str, replace: bool, keep: int) -> None:
+    """Rank 0: move the complete ``tmp`` into ``save_dir/name`` (swapping out a stale one), point ``latest`` at
+    it, and drop all but the ``keep`` most recent checkpoints."""
+    final = save_dir / name
+    if replace:
+        old = save_dir / f".{name}.stale"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    pointer = save_dir / f".{LATEST_FILE}.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, save_dir / LATEST_FILE)
+    old = sorted(p for p in save_dir.iterdir() if ITER_DIR.match(p.name) and p.name != name)
+    for stale in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(saved: SavedTrainState, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+    """Restore the training state :func:`save_checkpoint` wrote into ``saved.checkpoint`` (collective): the
+    scheduler (from ``saved``, read by the plan), the optimizer and this rank's RNG states.  The model already
+    holds the checkpoint's weights (setup loads them once, from this checkpoint)."""
+    ckpt_dir = saved.checkpoint
+    try:  # the flags were compared before (check_resume_compatible, in the plan); this is the last guard
+        scheduler.load_state_dict(saved.scheduler)
     except AssertionError as e:
-        raise ArgumentError(
-            f"--load {ckpt_dir}: the learning-rate schedule differs from the checkpoint's ({e})"
-        ) from None
-    load_model(model, ckpt_dir)
+        raise SetupError(f"--load {ckpt_dir}: the learning-rate schedule differs from the checkpoint's ({e})") from None
     optimizer.load(ckpt_dir, model)
     rank_file = ckpt_dir / "rank_state" / f"rank_{dist.get_rank():05d}.pt"
     if rank_file.is_file():
         _set_rng_state(torch.load(rank_file, weights_only=False))
-    return TrainState(**saved["state"])
+    return TrainState(**asdict(saved.state))

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
 import secrets
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from megatron_focusft.training.config import LoggingConfig
+
 
 class MetricsLogger:
+    """``save_dir`` keeps the W&B run id (a resumed job logs into the same run); ``run_config``: W&B's config."""
+
     def __init__(
-        self, args: argparse.Namespace, train_iters: int, start_iteration: int, peak_tflops: float | None
+        self,
+        config: LoggingConfig,
+        train_iters: int,
+        start_iteration: int,
+        peak_tflops: float | None,
+        *,
+        save_dir: Path | None = None,
+        run_config: dict | None = None,
     ) -> None:
         self.rank0 = dist.get_rank() == 0
-        self.interval = max(1, args.log_interval)
+        self.interval = max(1, config.log_interval)
         self.train_iters, self.peak = train_iters, peak_tflops
         self.world = dist.get_world_size()
         self.started, self.start_iteration = time.perf_counter(), start_iteration
@@ -25,24 +37,24 @@ class MetricsLogger:
         self.tensorboard = self.wandb = self.bar = None
         if not self.rank0:
             return
-        if args.tensorboard_dir is not None:
+        if config.tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 msg = "--tensorboard-dir needs tensorboard (pip install 'megatron-focusft[tensorboard]')"
                 raise SystemExit(f"error: {msg}") from None
-            self.tensorboard = SummaryWriter(str(args.tensorboard_dir))
-        if args.wandb_project is not None:
+            self.tensorboard = SummaryWriter(str(config.tensorboard_dir))
+        if config.wandb_project is not None:
             try:
                 import wandb
             except ImportError:
                 print("warning: --wandb-project given but wandb is not installed; not logging to W&B", file=sys.stderr)
             else:
-                run_id = _wandb_run_id(args.save)
+                run_id = _wandb_run_id(save_dir)
                 self.wandb = wandb.init(
-                    project=args.wandb_project, config=vars(args), id=run_id, resume="allow" if run_id else None
+                    project=config.wandb_project, config=run_config, id=run_id, resume="allow" if run_id else None
                 )
-        if sys.stdout.isatty() and not args.no_progress:
+        if sys.stdout.isatty() and config.progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=train_iters, initial=start_iteration, unit="step", dynamic_ncols=True)

@@ -1,9 +1,11 @@
 """The training loop, top to bottom: set up, then for each global batch: micro-batches through the bilevel
 step, gradient sync, optimizer and scheduler step, logs, checkpoints.
 
-Parallelism is set up in one place (:func:`setup`): Megatron's parallel state (TP x CP x DP), the model
-with its TP shards and fast-weight linears, Megatron's ``DistributedDataParallel``, and a data loader
-that gives every data-parallel rank its own packs.
+``tools/train.py`` is arguments (parse the flags into a ``TrainConfig``) -> plan (every check and every read
+from disk, once: ``plan.py``) -> loop (build from the plan, train).  Parallelism is set up in one place
+(:func:`setup`): Megatron's parallel state (TP x CP x DP), the model with its TP shards and fast-weight
+linears and its weights (loaded once: from the resumed checkpoint, else the pretrained one), Megatron's
+``DistributedDataParallel``, and a data loader that gives every data-parallel rank its own packs.
 
 The loss of a global batch is normalised by the number of documents ('sample' reduction) or response
 tokens ('token') in the *whole* global batch, counted before the first backward and summed over DP
@@ -13,7 +15,6 @@ same gradient.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import signal
 import sys
@@ -33,30 +34,26 @@ from megatron_focusft.benchmark import peak_tflops, sft_flops
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
-from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model, resolve_checkpoint
+from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model
 from megatron_focusft.data.dataset import PackedDataset, PackLoader, collate
 from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
 from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
 from megatron_focusft.packed_input import PackedInput
-from megatron_focusft.training.arguments import (
-    focusft_config,
-    resume_checkpoint,
-    run_identity,
-    scheduler_values,
-    train_schedule,
-    validate,
-)
-from megatron_focusft.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megatron_focusft.training.arguments import parse_args
+from megatron_focusft.training.checkpoint import RunIdentity, TrainState, load_checkpoint, save_checkpoint
+from megatron_focusft.training.config import TrainConfig
+from megatron_focusft.training.errors import SetupError
 from megatron_focusft.training.logger import MetricsLogger
 from megatron_focusft.training.optimizer import build_optimizer
+from megatron_focusft.training.plan import Schedule, TrainPlan, plan
 
 
 @dataclass
 class Trainer:
     """Everything the loop touches, built by :func:`setup`."""
 
-    args: argparse.Namespace
+    train_config: TrainConfig
     arch: Qwen2Arch
     meta: CheckpointMeta
     config: FocuSFTConfig
@@ -71,102 +68,120 @@ class Trainer:
     micro_batches: int
     device: torch.device
     tokenizer_dir: Path | None
-    run: dict  # seed, global batch size, pack count: stored in checkpoints, checked on resume
+    run: RunIdentity  # seed, global batch size, pack count: stored in checkpoints, checked on resume
     valid: PackedDataset | None = None
     last_saved: int | None = None  # the iteration of the checkpoint written (or resumed from) last
 
 
-def setup(args: argparse.Namespace) -> Trainer:
-    validate(args)  # every flag check happens before any work
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    runtime.initialize(args.device, runtime.ParallelLayout(tp, cp), seed=args.seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    config = focusft_config(args)
-    resume = resume_checkpoint(args)
-    if args.load is not None and resume is None and dist.get_rank() == 0:
-        print(f"--load {args.load} holds no checkpoint yet: starting fresh from {args.pretrained_checkpoint}")
-    source = resume or resolve_checkpoint(args.pretrained_checkpoint)
-    meta = CheckpointMeta.read(source)
-    arch = meta.arch
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+def setup(plan: TrainPlan) -> Trainer:
+    """Build the run :func:`~megatron_focusft.training.plan.plan` checked (collective): parallel state, model
+    (weights loaded once), DDP, optimizer, scheduler, the resumed training state, the data loader."""
+    cfg = plan.config
+    runtime.initialize(cfg.model.device, cfg.parallel, seed=cfg.batch.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.model.device == "cuda" else torch.device("cpu")
+    if cfg.checkpoints.load is not None and plan.resume is None and dist.get_rank() == 0:
+        print(
+            f"--load {cfg.checkpoints.load} holds no checkpoint yet: starting fresh from "
+            f"{cfg.model.pretrained_checkpoint}"
+        )
+    arch = plan.meta.arch
+    model, slot = _build_model(plan, device)
+    ddp = _wrap_ddp(model, cfg.model.device)
+    optimizer = build_optimizer(model, ddp, cfg.optimization, device=cfg.model.device, bf16=cfg.model.bf16)
+    scheduler = _build_scheduler(optimizer, plan.schedule)
+    state = load_checkpoint(plan.resume, model, optimizer, scheduler) if plan.resume else TrainState()
+    loader = _build_loader(plan, state)
+    tokenizer_dir = _stable_tokenizer_dir(plan.source / "tokenizer", cfg.checkpoints.save)
+    return Trainer(
+        train_config=cfg,
+        arch=arch,
+        # the token ids carry on from the pretrained model
+        meta=CheckpointMeta(arch, cfg.model.dtype, token_ids=plan.meta.token_ids),
+        config=cfg.focusft,
+        model=model,
+        ddp=ddp,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        step=BilevelStep(model, cfg.focusft, slot, arch.vocab_size),
+        loader=loader,
+        state=state,
+        train_iters=plan.schedule.train_iters,
+        micro_batches=plan.micro_batches,
+        device=device,
+        tokenizer_dir=tokenizer_dir,
+        run=plan.run,
+        valid=plan.valid_data,
+        last_saved=state.iteration if plan.resume else None,
+    )
 
+
+def _build_model(plan: TrainPlan, device: torch.device) -> tuple[torch.nn.Module, FastWeightSlot]:
+    """The GPTModel with its fast-weight linears, holding the weights of ``plan.source`` (loaded here, once)."""
+    cfg = plan.config
     slot = FastWeightSlot()
+    arch = plan.meta.arch
     model = build_model(
         arch,
-        core_attention_class(config.attention_backend),
-        params_dtype=dtype,
-        sequence_parallel=args.sequence_parallel,
+        core_attention_class(cfg.focusft.attention_backend),
+        params_dtype=cfg.model.dtype,
+        sequence_parallel=cfg.parallel.sequence_parallel,
         perform_initialization=False,
-        mlp_linears_for_layer=fast_weight_linears(slot, config.fast_layers(arch.num_layers), config.targets),
+        mlp_linears_for_layer=fast_weight_linears(slot, cfg.focusft.fast_layers(arch.num_layers), cfg.focusft.targets),
         calculate_per_token_loss=True,  # DDP sums gradients; the loop normalises by the global batch
     ).to(device)
-    load_model(model, source)
-    ddp = DistributedDataParallel(
+    load_model(model, plan.source)
+    return model, slot
+
+
+def _wrap_ddp(model: torch.nn.Module, device: str) -> DistributedDataParallel:
+    return DistributedDataParallel(
         model.config,
         DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=args.device == "cuda",
-            use_distributed_optimizer=args.device == "cuda",
+            overlap_grad_reduce=device == "cuda",
+            use_distributed_optimizer=device == "cuda",
             # On GPU Megatron raises on a NaN/Inf gradient before reducing it; on CPU the optimizer skips.
-            check_for_nan_in_grad=args.device == "cuda",
+            check_for_nan_in_grad=device == "cuda",
         ),
         model,
     )
-    optimizer = build_optimizer(model, ddp, args)
 
-    dataset = PackedDataset(args.data_path)
-    dp = parallel_state.get_data_parallel_world_size()
-    micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
-    train_iters, warmup = train_schedule(args, len(dataset))
-    sched = scheduler_values(args, train_iters, warmup)
-    scheduler = OptimizerParamScheduler(
+
+def _build_scheduler(optimizer: object, schedule: Schedule) -> OptimizerParamScheduler:
+    sched = schedule.scheduler_state()
+    return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if warmup else args.lr,
+        init_lr=0.0 if schedule.warmup_iters else schedule.lr,
         max_lr=sched["max_lr"],
         min_lr=sched["min_lr"],
         lr_warmup_steps=sched["lr_warmup_steps"],
         lr_decay_steps=sched["lr_decay_steps"],
         lr_decay_style=sched["lr_decay_style"],
         start_wd=sched["start_wd"],
-        end_wd=args.weight_decay,
-        wd_incr_steps=train_iters,
+        end_wd=schedule.weight_decay,
+        wd_incr_steps=schedule.train_iters,
         wd_incr_style="constant",
-        # The flags decide; a resume whose flags differ from the checkpoint's is refused (validate, and
+        # The flags decide; a resume whose flags differ from the checkpoint's is refused (the plan, and
         # Megatron's own check when loading), never silently run with the checkpoint's old schedule.
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=False,
     )
-    state = load_checkpoint(resume, model, optimizer, scheduler) if resume else TrainState()
-    loader = PackLoader(
-        dataset,
+
+
+def _build_loader(plan: TrainPlan, state: TrainState) -> PackLoader:
+    cfg = plan.config
+    layout = cfg.parallel
+    return PackLoader(
+        plan.train_data,
         dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=dp,
-        seed=args.seed,
-        micro_batch_size=args.micro_batch_size,
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        seed=cfg.batch.seed,
+        micro_batch_size=cfg.batch.micro_batch_size,
         consumed_samples=state.consumed_samples,
-        sequence_length=args.seq_length,
-        pad_multiple=pad_multiple(tp, cp, args.sequence_parallel),
-    )
-    tokenizer_dir = _stable_tokenizer_dir(source / "tokenizer", args.save)
-    return Trainer(
-        args=args,
-        arch=arch,
-        meta=CheckpointMeta(arch, dtype, token_ids=meta.token_ids),  # the ids carry on from the pretrained model
-        config=config,
-        model=model,
-        ddp=ddp,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        step=BilevelStep(model, config, slot, arch.vocab_size),
-        loader=loader,
-        state=state,
-        train_iters=train_iters,
-        micro_batches=micro_batches,
-        device=device,
-        tokenizer_dir=tokenizer_dir,
-        run=run_identity(args, len(dataset)),
-        valid=PackedDataset(args.valid_data_path) if args.valid_data_path is not None else None,
-        last_saved=state.iteration if resume else None,
+        sequence_length=cfg.data.seq_length,
+        pad_multiple=pad_multiple(
+            layout.tensor_model_parallel_size, layout.context_parallel_size, layout.sequence_parallel
+        ),
     )
 
 
@@ -241,8 +256,9 @@ def evaluate(t: Trainer) -> float:
     'token': over response tokens), summed over DP."""
     assert t.valid is not None
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    tp, cp = t.args.tensor_model_parallel_size, t.args.context_parallel_size
-    length = round_up(t.args.seq_length or t.valid.pack_length, pad_multiple(tp, cp, t.args.sequence_parallel))
+    layout = t.train_config.parallel
+    tp, cp, sp = layout.tensor_model_parallel_size, layout.context_parallel_size, layout.sequence_parallel
+    length = round_up(t.train_config.data.seq_length or t.valid.pack_length, pad_multiple(tp, cp, sp))
     per_sample = t.config.loss_reduction == "sample"
     sums = torch.zeros(2, dtype=torch.float64, device=t.device)  # loss sum, documents or tokens
     for i in range(dp_rank, len(t.valid), dp):
@@ -284,31 +300,40 @@ def _weights_finite(t: Trainer) -> bool:
 
 def _save(t: Trainer) -> bool:
     """Write a checkpoint of this iteration (once); False, and nothing written, if a weight is not finite."""
-    if t.args.save is None or t.last_saved == t.state.iteration:
+    ckpt = t.train_config.checkpoints
+    if ckpt.save is None or t.last_saved == t.state.iteration:
         return True
     if not _weights_finite(t):
         return False
     save_checkpoint(
-        t.args.save,
+        ckpt.save,
         t.state,
         t.model,
         t.optimizer,
         t.scheduler,
         replace(t.meta, iteration=t.state.iteration),
         t.tokenizer_dir,
-        t.args.keep_checkpoints,
+        ckpt.keep_checkpoints,
         t.run,
     )
     t.last_saved = t.state.iteration
     return True
 
 
-def train(args: argparse.Namespace) -> int:
-    """Run training to ``train_iters``; returns the process exit status."""
+def train(config: TrainConfig) -> int:
+    """Plan, set up and run training to ``train_iters``; returns the process exit status."""
     stop = _StopSignal()  # before the (long) set-up: a signal then costs one step, not the process
-    t = setup(args)
-    peak = peak_tflops(torch.cuda.get_device_name(), t.meta.dtype) if args.device == "cuda" else None
-    logger = MetricsLogger(args, t.train_iters, start_iteration=t.state.iteration, peak_tflops=peak)
+    t = setup(plan(config))
+    ckpt, eval_interval = config.checkpoints, config.data.eval_interval
+    peak = peak_tflops(torch.cuda.get_device_name(), t.meta.dtype) if config.model.device == "cuda" else None
+    logger = MetricsLogger(
+        config.logging,
+        t.train_iters,
+        start_iteration=t.state.iteration,
+        peak_tflops=peak,
+        save_dir=ckpt.save,
+        run_config=config.to_dict(),
+    )
 
     def finish(status: int) -> int:
         logger.close()
@@ -329,38 +354,37 @@ def train(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         metrics = train_step(t)
         logger.log(t.state, metrics, time.perf_counter() - start)
-        if t.valid is not None and args.eval_interval and t.state.iteration % args.eval_interval == 0:
+        if t.valid is not None and eval_interval and t.state.iteration % eval_interval == 0:
             logger.log_validation(t.state.iteration, evaluate(t))
-        if args.save_interval and t.state.iteration % args.save_interval == 0 and not save():
+        if ckpt.save_interval and t.state.iteration % ckpt.save_interval == 0 and not save():
             return finish(1)
         unfinished = t.state.iteration < t.train_iters
-        at_exit_interval = bool(args.exit_interval) and unfinished and t.state.iteration % args.exit_interval == 0
+        at_exit_interval = bool(ckpt.exit_interval) and unfinished and t.state.iteration % ckpt.exit_interval == 0
         if stop.any_rank(t.device) or at_exit_interval:
             if not save():
                 return finish(1)
             why = "--exit-interval" if at_exit_interval else "a signal"
-            saved = "; checkpoint saved" if args.save is not None else " (no --save: nothing saved)"
+            saved = "; checkpoint saved" if ckpt.save is not None else " (no --save: nothing saved)"
             logger.message(f"stopped by {why} at iteration {t.state.iteration}{saved}")
             return finish(0)
-    if t.valid is not None and not (args.eval_interval and t.state.iteration % args.eval_interval == 0):
+    if t.valid is not None and not (eval_interval and t.state.iteration % eval_interval == 0):
         logger.log_validation(t.state.iteration, evaluate(t))  # at the end (unless that step just did)
     if not save():
         return finish(1)
-    if args.export_hf is not None:
-        if finished_before and Path(args.export_hf).exists():
-            logger.message(f"the run was already finished and {args.export_hf} exists: export skipped")
+    if ckpt.export_hf is not None:
+        if finished_before and Path(ckpt.export_hf).exists():
+            logger.message(f"the run was already finished and {ckpt.export_hf} exists: export skipped")
         else:
-            export_hf(t.model, t.arch, t.meta.dtype, args.export_hf, t.tokenizer_dir, token_ids=t.meta.token_ids)
-            logger.message(f"exported the model to {args.export_hf}")
+            export_hf(t.model, t.arch, t.meta.dtype, ckpt.export_hf, t.tokenizer_dir, token_ids=t.meta.token_ids)
+            logger.message(f"exported the model to {ckpt.export_hf}")
     return finish(0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_focusft.training.arguments import ArgumentError, parse_args
-
+    """``tools/train.py``: a run that cannot start (bad flags, checkpoint or data) prints ``error: ...`` on one
+    line and exits 2."""
     try:
-        args = parse_args(argv)
-        return train(args)
-    except ArgumentError as e:
+        return train(parse_args(argv))
+    except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

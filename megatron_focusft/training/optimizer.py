@@ -8,14 +8,22 @@ expose ``param_groups`` so that Megatron's ``OptimizerParamScheduler`` drives th
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+if TYPE_CHECKING:
+    from megatron_focusft.training.config import OptimizationConfig
+
+Optimizer = Literal["adam", "sgd"]  # adam: AdamW (decoupled weight decay); sgd: plain SGD, no momentum
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+DecayStyle = Literal["cosine", "linear", "constant"]  # Megatron's OptimizerParamScheduler styles used here
+DECAY_STYLES: tuple[str, ...] = get_args(DecayStyle)
 
 
 def _param_groups(model: torch.nn.Module) -> list[dict]:
@@ -29,15 +37,15 @@ def _param_groups(model: torch.nn.Module) -> list[dict]:
 class CpuOptimizer:
     """AdamW or SGD over ``main_grad`` with Megatron's global-norm clip (for ``--device cpu``)."""
 
-    def __init__(self, model: torch.nn.Module, args: argparse.Namespace) -> None:
+    def __init__(self, model: torch.nn.Module, config: OptimizationConfig) -> None:
         groups = _param_groups(model)
-        if args.optimizer == "adam":
+        if config.optimizer == "adam":
             self.optimizer = torch.optim.AdamW(
-                groups, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2)
+                groups, lr=config.lr, weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2)
             )
         else:
-            self.optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.weight_decay)
-        self.clip_grad = args.clip_grad
+            self.optimizer = torch.optim.SGD(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.clip_grad = config.clip_grad
         self.params = [p for g in groups for p in g["params"]]
 
     @property
@@ -82,22 +90,22 @@ class CpuOptimizer:
         self.optimizer.load_state_dict(torch.load(path, weights_only=True))
 
 
-def megatron_optimizer_config(args: argparse.Namespace):
-    """Megatron's ``OptimizerConfig`` for these flags, with the same semantics as :class:`CpuOptimizer`
+def megatron_optimizer_config(config: OptimizationConfig, *, bf16: bool):
+    """Megatron's ``OptimizerConfig`` for these settings, with the same semantics as :class:`CpuOptimizer`
     (plain SGD: no momentum, where Megatron's default is 0.9)."""
-    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 
-    return OptimizerConfig(
-        optimizer=args.optimizer,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
+    return MegatronOptimizerConfig(
+        optimizer=config.optimizer,
+        lr=config.lr,
+        min_lr=config.min_lr,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
         sgd_momentum=0.0,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        clip_grad=config.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=True,
     )
 
@@ -105,10 +113,12 @@ def megatron_optimizer_config(args: argparse.Namespace):
 class GpuOptimizer:
     """Megatron-Core's optimizer (``get_megatron_optimizer``) with its distributed checkpoint format."""
 
-    def __init__(self, model: torch.nn.Module, ddp_model: torch.nn.Module, args: argparse.Namespace) -> None:
+    def __init__(
+        self, model: torch.nn.Module, ddp_model: torch.nn.Module, config: OptimizationConfig, *, bf16: bool
+    ) -> None:
         from megatron.core.optimizer import get_megatron_optimizer
 
-        self.optimizer = get_megatron_optimizer(megatron_optimizer_config(args), [ddp_model])
+        self.optimizer = get_megatron_optimizer(megatron_optimizer_config(config, bf16=bf16), [ddp_model])
 
     @property
     def param_groups(self) -> list[dict]:
@@ -131,5 +141,8 @@ class GpuOptimizer:
         self.optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt_dir / "optimizer")))
 
 
-def build_optimizer(model: torch.nn.Module, ddp_model: torch.nn.Module, args: argparse.Namespace):
-    return GpuOptimizer(model, ddp_model, args) if args.device == "cuda" else CpuOptimizer(model, args)
+def build_optimizer(
+    model: torch.nn.Module, ddp_model: torch.nn.Module, config: OptimizationConfig, *, device: str, bf16: bool
+):
+    """Megatron-Core's optimizer on ``cuda`` (over ``ddp_model``), :class:`CpuOptimizer` on ``cpu``."""
+    return GpuOptimizer(model, ddp_model, config, bf16=bf16) if device == "cuda" else CpuOptimizer(model, config)
