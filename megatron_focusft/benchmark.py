@@ -25,11 +25,11 @@ from megatron_focusft.attention import core_attention_class
 from megatron_focusft.attention.bench import synthetic_pack
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
+from megatron_focusft.data.packed_input import PackedInput
 from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
 from megatron_focusft.memory_plan import Layout, Workload
 from megatron_focusft.memory_plan import plan as memory_plan
 from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
-from megatron_focusft.packed_input import PackedInput
 
 ABLATION_MODES: dict[str, dict] = {
     "standard SFT": {"bilevel": False, "attention_mask": "causal"},
@@ -82,13 +82,11 @@ def sft_flops(arch: Qwen2Arch, inp: PackedInput) -> float:
     h, ffn, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     qkv = h * (arch.num_attention_heads + 2 * arch.num_key_value_heads) * d
     per_token_layer = 2 * (qkv + arch.num_attention_heads * d * h + 3 * h * ffn)
-    tokens = int((inp.document_ids >= 0).sum())
-    lengths = (inp.cu_seqlens[1:] - inp.cu_seqlens[:-1]).tolist()
-    starts = inp.cu_seqlens[:-1].tolist()
-    pairs = sum(n * (n + 1) // 2 for s, n in zip(starts, lengths) if int(inp.document_ids[0, s]) >= 0)
+    lengths = (inp.cu_seqlens[1:] - inp.cu_seqlens[:-1]).long()[inp.segment_documents() >= 0]
+    pairs = int((lengths * (lengths + 1) // 2).sum())  # document-causal attention: n (n + 1) / 2 per document
     attention = 4 * arch.num_attention_heads * d * pairs
-    output = 2 * int(inp.label_mask.sum()) * h * arch.vocab_size
-    return 3.0 * (arch.num_layers * (tokens * per_token_layer + attention) + output)
+    output = 2 * inp.num_response_tokens * h * arch.vocab_size
+    return 3.0 * (arch.num_layers * (inp.num_tokens * per_token_layer + attention) + output)
 
 
 # What the benchmark holds at its peak, in the memory plan's terms: parameters and their .grad (same dtype,
@@ -98,7 +96,6 @@ _BENCHMARK_STATE = ("parameters", "activations", "activation working set", "outp
 
 def predicted_peak_bytes(arch: Qwen2Arch, cfg: FocuSFTConfig, inp: PackedInput) -> int:
     """The memory plan's prediction of this benchmark's peak allocated memory (bf16, one GPU)."""
-    tokens = int((inp.document_ids >= 0).sum())
     work = Workload(
         seq_length=inp.length,
         recompute=cfg.recompute or "none",
@@ -108,7 +105,7 @@ def predicted_peak_bytes(arch: Qwen2Arch, cfg: FocuSFTConfig, inp: PackedInput) 
         layer_fraction=cfg.layer_fraction,
         lora_rank=cfg.lora_rank,
         documents_per_pack=inp.num_documents,
-        response_fraction=float(inp.label_mask.sum()) / max(tokens, 1),
+        response_fraction=inp.num_response_tokens / max(inp.num_tokens, 1),
         targets=tuple(cfg.targets),
     )
     components = {c.name: c.bytes for c in memory_plan(arch, Layout(), work).components}

@@ -36,11 +36,11 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from torch.utils.checkpoint import checkpoint
 
-from megatron_focusft.attention import build_attention_mask
-from megatron_focusft.attention.context_parallel import load_balanced_index
+from megatron_focusft.attention import build_attention_mask, packed_seq_params
+from megatron_focusft.attention.context_parallel import load_balanced_chunks, load_balanced_index
 from megatron_focusft.config import FocuSFTConfig
-from megatron_focusft.fast_weights import FastWeights, FastWeightSlot
-from megatron_focusft.packed_input import PackedInput
+from megatron_focusft.data.packed_input import PackedInput
+from megatron_focusft.fast_weights import DocumentSegments, FastWeights, FastWeightSlot
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -56,8 +56,6 @@ class StepStats:
     """What one micro-batch step measured (sums and counts, so the loop can reduce over micro-batches/DP)."""
 
     outer_loss_sum: torch.Tensor  # sum of per-document mean losses ('sample') or of token losses ('token')
-    num_documents: int
-    num_response_tokens: int
     document_losses: torch.Tensor | None = None  # [D] outer (adapted) mean response loss per document
     inner_losses: list[torch.Tensor] = field(default_factory=list)  # [D] per inner step, before its update
     adapted: FastWeights | None = None  # the fast weights after the inner loop (this rank's TP shards)
@@ -185,9 +183,11 @@ class BilevelStep:
         cfg = self.config
         tp = parallel_state.get_tensor_model_parallel_world_size()
         cp = parallel_state.get_context_parallel_world_size()
-        local = None  # this CP rank's token positions in the pack (None: the whole pack)
+        local = chunks = None  # this CP rank's token positions in the pack (None: the whole pack)
         if cp > 1:
-            local = load_balanced_index(inp.length, cp, parallel_state.get_context_parallel_rank(), inp.tokens.device)
+            cp_rank = parallel_state.get_context_parallel_rank()
+            chunks = load_balanced_chunks(inp.length, cp, cp_rank)
+            local = load_balanced_index(inp.length, cp, cp_rank, inp.tokens.device)
         local_length = inp.length // cp
         if self.sequence_parallel and local_length % tp:
             raise ValueError(
@@ -205,7 +205,7 @@ class BilevelStep:
         if cfg.attention_backend == "te":  # TE reads document boundaries from Megatron's THD parameters
             if cp > 1:
                 raise ValueError("--attention-backend te with context parallelism is not supported; use flex")
-            psp = inp.packed_seq_params()
+            psp = packed_seq_params(inp.cu_seqlens)
             rotary = self.model.rotary_pos_emb(psp.max_seqlen_q, packed_seq=True)
             ctx = {"attention_mask": mask, "rotary_pos_emb": rotary, "packed_seq_params": psp}
         else:
@@ -232,7 +232,7 @@ class BilevelStep:
         hidden = self.model.embedding(input_ids=mine(inp.tokens), position_ids=position_ids)
         hidden = self._run(hidden, self.bottom, ctx)
 
-        stats = StepStats(torch.zeros(()), num_docs, int(all_positions.numel()))
+        stats = StepStats(torch.zeros(()))
         if cfg.uses_fast_weights and inner:
             tc = self.model.config
             fast = FastWeights.initial(
@@ -242,7 +242,7 @@ class BilevelStep:
                 scale=cfg.lora_scale,
                 hidden_size=tc.hidden_size,
                 ffn_hidden_size=tc.ffn_hidden_size,
-                segments=inp.segments(local),
+                segments=DocumentSegments.from_bounds(inp.cu_seqlens, inp.segment_documents(), num_docs, chunks),
                 document_keys=[(cfg.seed, iteration, *key) for key in inp.document_keys],
                 device=hidden.device,
             )

@@ -8,9 +8,9 @@ import torch
 from megatron_focusft.attention import core_attention_class
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig, FocuSFTConfigError
+from megatron_focusft.data.packed_input import PackedInput
 from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
 from megatron_focusft.models.qwen2 import build_model, tiny_arch
-from megatron_focusft.packed_input import PackedInput
 
 
 def _pack() -> PackedInput:

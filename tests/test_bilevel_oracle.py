@@ -96,9 +96,9 @@ def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: 
     from megatron_focusft.convert.hf_io import HFCheckpointReader
     from megatron_focusft.convert.layout import megatron_sources, to_hf, tp_unshard
     from megatron_focusft.convert.megatron_io import fill_from_hf
+    from megatron_focusft.data.packed_input import PackedInput
     from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
     from megatron_focusft.models.qwen2 import Qwen2Arch, build_model, tp_partition_dim
-    from megatron_focusft.packed_input import PackedInput
 
     arch = Qwen2Arch.from_hf_dir(hf_dir)
     tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -111,9 +111,7 @@ def test_sgd_step_equals_minus_the_oracle_gradient(setup_files, tmp_path):
     layers = hf.model.layers
     samples = []
     for pack in loader.epoch_order(0)[:2].tolist():
-        p = loader.dataset.get(pack)
-        for d, doc in enumerate(sorted(set(p.document_ids[p.document_ids >= 0].tolist()))):
-            at = p.document_ids == doc
+        for d, (ids, loss) in enumerate(loader.dataset.documents(pack)):
             a0 = {}
             for i in fast_layer_indices(len(layers)):
                 for t, hf_t in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
@@ -121,8 +119,8 @@ def test_sgd_step_equals_minus_the_oracle_gradient(setup_files, tmp_path):
                     a0[i, hf_t] = draw_lora_a((77, 0, pack, d, i, TARGET_IDS[t]), 8, fan_in, torch.device("cpu"))
             samples.append(
                 {
-                    "input_ids": torch.from_numpy(p.tokens[at]).long(),
-                    "loss_mask": torch.from_numpy(p.loss_mask[at]).long(),
+                    "input_ids": torch.from_numpy(ids).long(),
+                    "loss_mask": torch.from_numpy(loss).long(),
                     "A0": a0,
                 }
             )
@@ -565,14 +563,13 @@ def test_a_step_counts_the_tokens_and_flops_of_the_whole_global_batch(setup_file
     """Two DP ranks, 2 packs each: the step's token and FLOP counts are those of all 4 packs."""
     from megatron_focusft.benchmark import sft_flops
     from megatron_focusft.convert.megatron_io import CheckpointMeta
-    from megatron_focusft.data.dataset import PackedDataset, PackLoader, collate
-    from megatron_focusft.packed_input import PackedInput
+    from megatron_focusft.data.dataset import PackedDataset, PackLoader
 
     ckpt, data = setup_files
     argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "4", "--train-iters", "1", "--seed", "9")
     got = runtime.launch_cpu_processes(_one_step_metrics, 2, args=(argv,))
     dataset, arch = PackedDataset(data), CheckpointMeta.read(ckpt).arch
     packs = PackLoader(dataset, 0, 1, seed=9, micro_batch_size=4).epoch_order(0)[:4].tolist()
-    inputs = [PackedInput.from_batch(collate([dataset.get(i)], [i], dataset.pad_id)) for i in packs]
+    inputs = [dataset.micro_batch([i]) for i in packs]
     assert got["tokens"] == sum(int(dataset.pack_lengths()[i]) for i in packs)
     assert got["flops"] == pytest.approx(sum(sft_flops(arch, inp) for inp in inputs), rel=1e-12)

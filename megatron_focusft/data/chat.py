@@ -12,8 +12,8 @@ Both return segments (context / assistant header / assistant response).  The who
 response token when any of its characters lies in a response segment.
 
 Loss mask: 1 on the assistant body, its ``<|im_end|>`` and the newline after it; 0 on the
-``<|im_start|>assistant\\n`` header and every other turn.
-Blocks are the maximal runs of equal loss-mask value.
+``<|im_start|>assistant\\n`` header and every other turn.  (The context/response blocks of the attention
+mask are the maximal runs of equal loss-mask value: :mod:`megatron_focusft.masks` derives them.)
 """
 
 from __future__ import annotations
@@ -38,28 +38,6 @@ RendererName = Literal["auto", "template", "qwen2.5"]
 
 
 # --------------------------------------------------------------------------------------------- documents
-def blocks_from_loss_mask(loss_mask):
-    """Block ids: maximal runs of equal loss-mask value, numbered 0, 1, 2, ... along the last dimension.
-
-    ``block[0] = 0`` and ``block[t] = #{s <= t: mask[s] != mask[s-1]}``.  Works on NumPy arrays (int32 result)
-    and torch tensors (int64 result), 1-D or batched over leading dimensions.  For a packed sequence apply it
-    per document (or use the pack's ``block_ids``, which restart at 0 in each document).
-    """
-    if isinstance(loss_mask, np.ndarray):
-        m = loss_mask
-        out = np.zeros(m.shape, dtype=np.int32)
-        if m.shape[-1] > 1:
-            np.cumsum(m[..., 1:] != m[..., :-1], axis=-1, out=out[..., 1:])
-        return out
-    import torch
-
-    m = loss_mask
-    out = torch.zeros(m.shape, dtype=torch.long, device=m.device)
-    if m.shape[-1] > 1:
-        out[..., 1:] = (m[..., 1:] != m[..., :-1]).long().cumsum(-1)
-    return out
-
-
 @dataclass
 class Document:
     """One tokenized conversation: ``input_ids`` (int32) and ``loss_mask`` (uint8, 1 = response token)."""
@@ -71,10 +49,6 @@ class Document:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
-
-    @property
-    def block_ids(self) -> np.ndarray:
-        return blocks_from_loss_mask(self.loss_mask)
 
     @property
     def num_loss_tokens(self) -> int:

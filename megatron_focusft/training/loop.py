@@ -34,11 +34,10 @@ from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model, resolve_checkpoint
-from megatron_focusft.data.dataset import PackedDataset, PackLoader, collate
+from megatron_focusft.data.dataset import PackedDataset, PackLoader
 from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
 from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
-from megatron_focusft.packed_input import PackedInput
 from megatron_focusft.training.arguments import (
     focusft_config,
     resume_checkpoint,
@@ -186,10 +185,10 @@ def _stable_tokenizer_dir(source: Path, save: Path | None) -> Path | None:
 
 def train_step(t: Trainer) -> dict[str, float]:
     """One global batch: every micro-batch through the bilevel step, then sync, clip and update."""
-    inputs = [PackedInput.from_batch(next(t.loader)).to(t.device) for _ in range(t.micro_batches)]
+    inputs = [next(t.loader).to(t.device) for _ in range(t.micro_batches)]
     # The normaliser of the whole global batch, known before the first backward.
     per_sample = t.config.loss_reduction == "sample"
-    local = sum(len(inp.document_keys) if per_sample else int(inp.label_mask.sum()) for inp in inputs)
+    local = sum(inp.num_documents if per_sample else inp.num_response_tokens for inp in inputs)
     # [normaliser, outer loss sum, inner loss before, inner loss after, documents, tokens, flops]
     counts = torch.zeros(7, dtype=torch.float64, device=t.device)
     counts[0] = float(local)
@@ -208,8 +207,8 @@ def train_step(t: Trainer) -> dict[str, float]:
         if stats.inner_losses:
             counts[2] += float(stats.inner_losses[0].sum())  # before adaptation, summed over documents
             counts[3] += float(stats.document_losses.sum())  # after (the outer pass), summed over documents
-            counts[4] += stats.num_documents
-        counts[5] += float((inp.document_ids >= 0).sum())
+            counts[4] += inp.num_documents
+        counts[5] += inp.num_tokens
         counts[6] += sft_flops(t.arch, inp)  # one replica's (every TP/CP rank of it counts the same packs)
     finalize_model_grads([t.ddp])
     updated, grad_norm, _ = t.optimizer.step()
@@ -246,10 +245,10 @@ def evaluate(t: Trainer) -> float:
     per_sample = t.config.loss_reduction == "sample"
     sums = torch.zeros(2, dtype=torch.float64, device=t.device)  # loss sum, documents or tokens
     for i in range(dp_rank, len(t.valid), dp):
-        inp = PackedInput.from_batch(collate([t.valid.get(i, pad_to=length)], [i], t.valid.pad_id)).to(t.device)
+        inp = t.valid.micro_batch([i], pad_to=length).to(t.device)
         stats = t.step.evaluate(inp)
         sums[0] += float(stats.outer_loss_sum)
-        sums[1] += stats.num_documents if per_sample else stats.num_response_tokens
+        sums[1] += inp.num_documents if per_sample else inp.num_response_tokens
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     return float(sums[0] / sums[1])
 
