@@ -21,15 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_focusft.attention import core_attention_class
 from megatron_focusft.attention.bench import synthetic_pack
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.data.packed_input import PackedInput
-from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
 from megatron_focusft.memory_plan import Layout, Workload
 from megatron_focusft.memory_plan import plan as memory_plan
-from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
+from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
+from megatron_focusft.models.qwen2 import Qwen2Arch
 
 ABLATION_MODES: dict[str, dict] = {
     "standard SFT": {"bilevel": False, "attention_mask": "causal"},
@@ -137,27 +136,19 @@ def run(
 ) -> list[Row]:
     """Time each ablation mode on one model and one pack of each length; ratios are to standard SFT at the
     same length."""
-    slot = FastWeightSlot()
-    model = build_model(
-        arch,
-        core_attention_class(base.attention_backend),
-        params_dtype=dtype,
-        perform_initialization=False,
-        mlp_linears_for_layer=fast_weight_linears(slot, base.fast_layers(arch.num_layers), base.targets),
-    )
+    model = build_focusft_model(arch, base, params_dtype=dtype, perform_initialization=False)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, arch.initializer_range)
     model = model.to(device)
     rows: list[Row] = []
     for seq_len in seq_lens:
-        rows += _run_length(model, slot, arch, seq_len, base, device, warmup, iters, peak_tflops, dtype)
+        rows += _run_length(model, arch, seq_len, base, device, warmup, iters, peak_tflops, dtype)
     return rows
 
 
 def _run_length(
-    model: torch.nn.Module,
-    slot: FastWeightSlot,
+    model: FocuSFTModel,
     arch: Qwen2Arch,
     seq_len: int,
     base: FocuSFTConfig,
@@ -173,7 +164,7 @@ def _run_length(
     rows: list[Row] = []
     for mode, changes in ABLATION_MODES.items():
         cfg = dataclasses.replace(base, **changes)
-        step = BilevelStep(model, cfg, slot, arch.vocab_size)
+        step = BilevelStep(model, cfg)
         for _ in range(warmup):
             step(inp, loss_scale=1.0)
         model.zero_grad(set_to_none=True)

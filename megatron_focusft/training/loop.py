@@ -28,7 +28,6 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_focusft import runtime
-from megatron_focusft.attention import core_attention_class
 from megatron_focusft.benchmark import peak_tflops, sft_flops
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
@@ -36,8 +35,8 @@ from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model, resolve_checkpoint
 from megatron_focusft.data.dataset import PackedDataset, PackLoader
 from megatron_focusft.data.packing import pad_multiple, round_up
-from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
-from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
+from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
+from megatron_focusft.models.qwen2 import Qwen2Arch
 from megatron_focusft.training.arguments import (
     focusft_config,
     resume_checkpoint,
@@ -59,7 +58,7 @@ class Trainer:
     arch: Qwen2Arch
     meta: CheckpointMeta
     config: FocuSFTConfig
-    model: torch.nn.Module  # the GPTModel (DDP's hooks live on its parameters)
+    model: FocuSFTModel  # DDP's hooks live on its parameters
     ddp: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
@@ -89,14 +88,12 @@ def setup(args: argparse.Namespace) -> Trainer:
     arch = meta.arch
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
-    slot = FastWeightSlot()
-    model = build_model(
+    model = build_focusft_model(
         arch,
-        core_attention_class(config.attention_backend),
+        config,
         params_dtype=dtype,
         sequence_parallel=args.sequence_parallel,
         perform_initialization=False,
-        mlp_linears_for_layer=fast_weight_linears(slot, config.fast_layers(arch.num_layers), config.targets),
         calculate_per_token_loss=True,  # DDP sums gradients; the loop normalises by the global batch
     ).to(device)
     load_model(model, source)
@@ -156,7 +153,7 @@ def setup(args: argparse.Namespace) -> Trainer:
         ddp=ddp,
         optimizer=optimizer,
         scheduler=scheduler,
-        step=BilevelStep(model, config, slot, arch.vocab_size),
+        step=BilevelStep(model, config),
         loader=loader,
         state=state,
         train_iters=train_iters,
