@@ -29,7 +29,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_focusft import runtime
 from megatron_focusft.attention import core_attention_class
-from megatron_focusft.benchmark import peak_tflops, sft_flops
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
@@ -37,6 +36,7 @@ from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load
 from megatron_focusft.data.dataset import PackedDataset, PackLoader, collate
 from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
+from megatron_focusft.flops import peak_tflops, sft_flops
 from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
 from megatron_focusft.packed_input import PackedInput
 from megatron_focusft.training.arguments import (
