@@ -6,16 +6,15 @@ pack; only the config differs.  Reported per mode: step time (forward, inner loo
 step, identical for all modes), tokens/s, TFLOP/s and MFU, peak memory next to what
 :mod:`megatron_focusft.memory_plan` predicts for the same state, and the ratio to standard SFT.
 
-FLOPs are *SFT-equivalent*: the matmul FLOPs a standard SFT step on the pack needs (6 x tokens x
-layer parameters, the output layer at response positions, document-causal attention).  Every mode is
-credited the same useful work, so a slower mode shows a lower TFLOP/s and MFU instead of taking credit
-for its extra inner passes.
+FLOPs are *SFT-equivalent* (:func:`megatron_focusft.flops.sft_flops`): the matmul FLOPs a standard SFT step
+on the pack needs (6 x tokens x layer parameters, the output layer at response positions, document-causal
+attention).  Every mode is credited the same useful work, so a slower mode shows a lower TFLOP/s and MFU
+instead of taking credit for its extra inner passes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from megatron_focusft.attention.bench import synthetic_pack
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.data.packed_input import PackedInput
+from megatron_focusft.flops import sft_flops
 from megatron_focusft.memory_plan import Layout, Workload
 from megatron_focusft.memory_plan import plan as memory_plan
 from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
@@ -36,27 +36,6 @@ ABLATION_MODES: dict[str, dict] = {
     "causal bilevel": {"bilevel": True, "attention_mask": "causal"},
     "FocuSFT": {"bilevel": True, "attention_mask": "glm"},
 }
-# Dense bf16 peak (no sparsity) of each GPU variant, for MFU: the PCIe and NVL boards run lower clocks.
-PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H200 NVL": 835.0}
-
-
-def peak_tflops(device_name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
-    """The dense bf16 peak of the GPU ``torch.cuda.get_device_name()`` names, None where it is unknown (an
-    unlisted variant) or meaningless (the run is not bf16: the peak is bf16's)."""
-    if dtype != torch.bfloat16:
-        return None
-    words = set(re.split(r"[\s_-]+", device_name.upper()))
-    if "H100" in words:
-        if "PCIE" in words:
-            return PEAK_TFLOPS["H100 PCIe"]
-        if "NVL" in words:
-            return PEAK_TFLOPS["H100 NVL"]
-        if "SXM" in words or "SXM5" in words or "HBM3" in words:  # "NVIDIA H100 80GB HBM3" is the SXM board
-            return PEAK_TFLOPS["H100 SXM"]
-        return None
-    if "H200" in words:
-        return PEAK_TFLOPS["H200 NVL" if "NVL" in words else "H200"]
-    return None
 
 
 def synthetic_input(seq_len: int, vocab_size: int, seed: int = 0) -> PackedInput:
@@ -74,18 +53,6 @@ def synthetic_input(seq_len: int, vocab_size: int, seed: int = 0) -> PackedInput
     ids = docs.unique_consecutive().tolist()
     documents = [(tokens[docs == d], loss[docs == d]) for d in ids if d >= 0]
     return PackedInput.from_documents(documents, pad_to=seq_len)
-
-
-def sft_flops(arch: Qwen2Arch, inp: PackedInput) -> float:
-    """Matmul FLOPs of one standard-SFT step (forward + backward = 3x forward) on ``inp``."""
-    h, ffn, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
-    qkv = h * (arch.num_attention_heads + 2 * arch.num_key_value_heads) * d
-    per_token_layer = 2 * (qkv + arch.num_attention_heads * d * h + 3 * h * ffn)
-    lengths = (inp.cu_seqlens[1:] - inp.cu_seqlens[:-1]).long()[inp.segment_documents() >= 0]
-    pairs = int((lengths * (lengths + 1) // 2).sum())  # document-causal attention: n (n + 1) / 2 per document
-    attention = 4 * arch.num_attention_heads * d * pairs
-    output = 2 * inp.num_response_tokens * h * arch.vocab_size
-    return 3.0 * (arch.num_layers * (inp.num_tokens * per_token_layer + attention) + output)
 
 
 # What the benchmark holds at its peak, in the memory plan's terms: parameters and their .grad (same dtype,

@@ -102,6 +102,8 @@ def test_te_backend_errors_are_clear():
     docs, lm = torch.zeros(8, dtype=torch.long), torch.tensor([0, 0, 0, 1, 1, 0, 1, 1])
     with pytest.raises(TEUnavailableError, match="no fused kernel for the glm mask"):
         attention.build_attention_mask("te", docs, lm, "glm")
+    with pytest.raises(TEUnavailableError, match="supports only --attention-mask causal, not 'glm'"):  # the real flag
+        attention.build_attention_mask("te", docs, lm, "glm")
     try:
         import transformer_engine  # noqa: F401
     except ImportError:

@@ -459,7 +459,7 @@ def test_wandb_run_resumes_with_the_save_folder(tmp_path, megatron_cpu, monkeypa
 
 
 def test_peak_tflops_per_gpu_variant():
-    from megatron_focusft.benchmark import peak_tflops
+    from megatron_focusft.flops import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # SXM
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
@@ -561,9 +561,9 @@ def _one_step_metrics(argv: list[str]) -> dict:
 
 def test_a_step_counts_the_tokens_and_flops_of_the_whole_global_batch(setup_files, tmp_path):
     """Two DP ranks, 2 packs each: the step's token and FLOP counts are those of all 4 packs."""
-    from megatron_focusft.benchmark import sft_flops
     from megatron_focusft.convert.megatron_io import CheckpointMeta
     from megatron_focusft.data.dataset import PackedDataset, PackLoader
+    from megatron_focusft.flops import sft_flops
 
     ckpt, data = setup_files
     argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "4", "--train-iters", "1", "--seed", "9")

@@ -28,13 +28,13 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_focusft import runtime
-from megatron_focusft.benchmark import peak_tflops, sft_flops
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model, resolve_checkpoint
 from megatron_focusft.data.dataset import PackedDataset, PackLoader
 from megatron_focusft.data.packing import pad_multiple, round_up
+from megatron_focusft.flops import peak_tflops, sft_flops
 from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
 from megatron_focusft.models.qwen2 import Qwen2Arch
 from megatron_focusft.training.arguments import (
