@@ -521,7 +521,7 @@ def _oracle_valid_loss(hf_dir: Path, prefix: str, mode: str) -> float:
     dataset = PackedDataset(prefix)
     with torch.no_grad():
         for i in range(len(dataset)):
-            for ids, loss_mask, _ in dataset.documents(i):
+            for ids, loss_mask in dataset.documents(i):
                 ids, loss_mask = torch.from_numpy(ids).long(), torch.from_numpy(loss_mask).long()
                 out = hf(input_ids=ids[None], attention_mask=additive_mask(loss_mask, mode, torch.float32))
                 losses.append(response_loss(out.logits[0], ids, loss_mask)[0])
