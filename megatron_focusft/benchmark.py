@@ -6,30 +6,29 @@ pack; only the config differs.  Reported per mode: step time (forward, inner loo
 step, identical for all modes), tokens/s, TFLOP/s and MFU, peak memory next to what
 :mod:`megatron_focusft.memory_plan` predicts for the same state, and the ratio to standard SFT.
 
-FLOPs are *SFT-equivalent*: the matmul FLOPs a standard SFT step on the pack needs (6 x tokens x
-layer parameters, the output layer at response positions, document-causal attention).  Every mode is
-credited the same useful work, so a slower mode shows a lower TFLOP/s and MFU instead of taking credit
-for its extra inner passes.
+FLOPs are *SFT-equivalent* (:func:`megatron_focusft.flops.sft_flops`): the matmul FLOPs a standard SFT step
+on the pack needs (6 x tokens x layer parameters, the output layer at response positions, document-causal
+attention).  Every mode is credited the same useful work, so a slower mode shows a lower TFLOP/s and MFU
+instead of taking credit for its extra inner passes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass
 
 import torch
 
-from megatron_focusft.attention import core_attention_class
 from megatron_focusft.attention.bench import synthetic_pack
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
-from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
+from megatron_focusft.data.packed_input import PackedInput
+from megatron_focusft.flops import sft_flops
 from megatron_focusft.memory_plan import Layout, Workload
 from megatron_focusft.memory_plan import plan as memory_plan
-from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
-from megatron_focusft.packed_input import PackedInput
+from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
+from megatron_focusft.models.qwen2 import Qwen2Arch
 
 ABLATION_MODES: dict[str, dict] = {
     "standard SFT": {"bilevel": False, "attention_mask": "causal"},
@@ -37,27 +36,6 @@ ABLATION_MODES: dict[str, dict] = {
     "causal bilevel": {"bilevel": True, "attention_mask": "causal"},
     "FocuSFT": {"bilevel": True, "attention_mask": "glm"},
 }
-# Dense bf16 peak (no sparsity) of each GPU variant, for MFU: the PCIe and NVL boards run lower clocks.
-PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H200 NVL": 835.0}
-
-
-def peak_tflops(device_name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
-    """The dense bf16 peak of the GPU ``torch.cuda.get_device_name()`` names, None where it is unknown (an
-    unlisted variant) or meaningless (the run is not bf16: the peak is bf16's)."""
-    if dtype != torch.bfloat16:
-        return None
-    words = set(re.split(r"[\s_-]+", device_name.upper()))
-    if "H100" in words:
-        if "PCIE" in words:
-            return PEAK_TFLOPS["H100 PCIe"]
-        if "NVL" in words:
-            return PEAK_TFLOPS["H100 NVL"]
-        if "SXM" in words or "SXM5" in words or "HBM3" in words:  # "NVIDIA H100 80GB HBM3" is the SXM board
-            return PEAK_TFLOPS["H100 SXM"]
-        return None
-    if "H200" in words:
-        return PEAK_TFLOPS["H200 NVL" if "NVL" in words else "H200"]
-    return None
 
 
 def synthetic_input(seq_len: int, vocab_size: int, seed: int = 0) -> PackedInput:
@@ -77,20 +55,6 @@ def synthetic_input(seq_len: int, vocab_size: int, seed: int = 0) -> PackedInput
     return PackedInput.from_documents(documents, pad_to=seq_len)
 
 
-def sft_flops(arch: Qwen2Arch, inp: PackedInput) -> float:
-    """Matmul FLOPs of one standard-SFT step (forward + backward = 3x forward) on ``inp``."""
-    h, ffn, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
-    qkv = h * (arch.num_attention_heads + 2 * arch.num_key_value_heads) * d
-    per_token_layer = 2 * (qkv + arch.num_attention_heads * d * h + 3 * h * ffn)
-    tokens = int((inp.document_ids >= 0).sum())
-    lengths = (inp.cu_seqlens[1:] - inp.cu_seqlens[:-1]).tolist()
-    starts = inp.cu_seqlens[:-1].tolist()
-    pairs = sum(n * (n + 1) // 2 for s, n in zip(starts, lengths) if int(inp.document_ids[0, s]) >= 0)
-    attention = 4 * arch.num_attention_heads * d * pairs
-    output = 2 * int(inp.label_mask.sum()) * h * arch.vocab_size
-    return 3.0 * (arch.num_layers * (tokens * per_token_layer + attention) + output)
-
-
 # What the benchmark holds at its peak, in the memory plan's terms: parameters and their .grad (same dtype,
 # no DDP buffer, no optimizer), activations, the working set, the output head and the fast weights.
 _BENCHMARK_STATE = ("parameters", "activations", "activation working set", "output head", "fast weights")
@@ -98,7 +62,6 @@ _BENCHMARK_STATE = ("parameters", "activations", "activation working set", "outp
 
 def predicted_peak_bytes(arch: Qwen2Arch, cfg: FocuSFTConfig, inp: PackedInput) -> int:
     """The memory plan's prediction of this benchmark's peak allocated memory (bf16, one GPU)."""
-    tokens = int((inp.document_ids >= 0).sum())
     work = Workload(
         seq_length=inp.length,
         recompute=cfg.recompute or "none",
@@ -108,7 +71,7 @@ def predicted_peak_bytes(arch: Qwen2Arch, cfg: FocuSFTConfig, inp: PackedInput) 
         layer_fraction=cfg.layer_fraction,
         lora_rank=cfg.lora_rank,
         documents_per_pack=inp.num_documents,
-        response_fraction=float(inp.label_mask.sum()) / max(tokens, 1),
+        response_fraction=inp.num_response_tokens / max(inp.num_tokens, 1),
         targets=tuple(cfg.targets),
     )
     components = {c.name: c.bytes for c in memory_plan(arch, Layout(), work).components}
@@ -140,27 +103,19 @@ def run(
 ) -> list[Row]:
     """Time each ablation mode on one model and one pack of each length; ratios are to standard SFT at the
     same length."""
-    slot = FastWeightSlot()
-    model = build_model(
-        arch,
-        core_attention_class(base.attention_backend),
-        params_dtype=dtype,
-        perform_initialization=False,
-        mlp_linears_for_layer=fast_weight_linears(slot, base.fast_layers(arch.num_layers), base.targets),
-    )
+    model = build_focusft_model(arch, base, params_dtype=dtype, perform_initialization=False)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, arch.initializer_range)
     model = model.to(device)
     rows: list[Row] = []
     for seq_len in seq_lens:
-        rows += _run_length(model, slot, arch, seq_len, base, device, warmup, iters, peak_tflops, dtype)
+        rows += _run_length(model, arch, seq_len, base, device, warmup, iters, peak_tflops, dtype)
     return rows
 
 
 def _run_length(
-    model: torch.nn.Module,
-    slot: FastWeightSlot,
+    model: FocuSFTModel,
     arch: Qwen2Arch,
     seq_len: int,
     base: FocuSFTConfig,
@@ -176,7 +131,7 @@ def _run_length(
     rows: list[Row] = []
     for mode, changes in ABLATION_MODES.items():
         cfg = dataclasses.replace(base, **changes)
-        step = BilevelStep(model, cfg, slot, arch.vocab_size)
+        step = BilevelStep(model, cfg)
         for _ in range(warmup):
             step(inp, loss_scale=1.0)
         model.zero_grad(set_to_none=True)

@@ -89,6 +89,11 @@ class FocuSFTConfig:
                 "--attention-backend te cannot run --attention-mask glm: TransformerEngine has no fused "
                 "kernel for an arbitrary mask (the unfused path needs ~57 GB/layer at 32K for 7B); use flex"
             )
+        if self.attention_backend == "te" and self.recompute == "selective":
+            raise FocuSFTConfigError(
+                "--recompute-granularity selective recomputes our own core attention (dense, flex); with "
+                "--attention-backend te use --recompute-granularity full"
+            )
         if self.uses_fast_weights and pipeline_parallel_size > 1:
             raise FocuSFTConfigError(
                 "fast weights need the whole top of the model on one pipeline stage: "

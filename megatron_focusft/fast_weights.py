@@ -53,22 +53,31 @@ class DocumentSegments:
     num_documents: int
 
     @classmethod
-    def from_document_ids(cls, document_ids: torch.Tensor, num_documents: int | None = None) -> DocumentSegments:
-        """Maximal runs of equal, non-negative document id (padding, id -1, belongs to no document).
+    def from_bounds(
+        cls,
+        cu_seqlens: torch.Tensor,
+        segment_documents: torch.Tensor,
+        num_documents: int,
+        chunks: Sequence[tuple[int, int]] | None = None,
+    ) -> DocumentSegments:
+        """The runs of a pack's documents in the tokens ``chunks`` (global ``(start, end)`` ranges, in the
+        order this rank holds them; default: the whole pack) from the pack's boundaries.
 
-        Found with tensor ops (one host transfer of the run boundaries), not a Python loop over tokens:
-        this runs every micro-batch on packs of 128K tokens.
+        ``cu_seqlens`` [n + 1] are the segment boundaries and ``segment_documents`` [n] each segment's document
+        (-1: padding, which belongs to no run).  Each chunk clips the segments with tensor ops (one host
+        transfer of the runs): this runs every micro-batch on packs of 128K tokens.
         """
-        docs = document_ids.reshape(-1)
-        changes = torch.ones(docs.numel(), dtype=torch.bool, device=docs.device)
-        changes[1:] = docs[1:] != docs[:-1]
-        starts = changes.nonzero().reshape(-1)
-        ends = torch.cat([starts[1:], starts.new_tensor([docs.numel()])])
-        ids = docs[starts]
-        real = ids >= 0
-        runs = torch.stack([starts[real], ends[real], ids[real]], dim=1).tolist()
-        count = num_documents if num_documents is not None else max((r[2] for r in runs), default=-1) + 1
-        return cls(tuple(tuple(r) for r in runs), count)
+        cu = cu_seqlens.long()
+        real = segment_documents >= 0
+        starts, ends, docs = cu[:-1][real], cu[1:][real], segment_documents[real].long()
+        runs, offset = [], 0
+        for lo, hi in chunks if chunks is not None else [(0, int(cu[-1]))]:
+            s, e = starts.clamp(lo, hi), ends.clamp(lo, hi)
+            keep = s < e
+            runs.append(torch.stack([s[keep] - lo + offset, e[keep] - lo + offset, docs[keep]], dim=1))
+            offset += hi - lo
+        flat = torch.cat(runs).tolist() if runs else []
+        return cls(tuple(tuple(r) for r in flat), num_documents)
 
     def __len__(self) -> int:
         return self.num_documents

@@ -30,9 +30,10 @@ from typing import Literal
 
 import torch
 
+from megatron_focusft.data.packed_input import PADDING_DOCUMENT
+
 MaskMode = Literal["causal", "glm"]
 MASK_MODES: tuple[str, ...] = ("causal", "glm")
-PADDING_DOCUMENT = -1
 
 
 def check_mode(mode: str) -> None:
@@ -41,7 +42,8 @@ def check_mode(mode: str) -> None:
 
 
 def blocks_from_loss_mask(loss_mask: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Block ids [..., s] (long): a new block starts wherever the loss mask or the document changes.
+    """Block ids [..., s] (long): a new block starts wherever the loss mask or the document changes (THE block
+    rule: nothing else in the project computes or stores blocks).
 
     ``block = cumsum(changed)`` with ``changed[0] = 0``.  Ids count up through the whole pack (they do not
     restart per document); the rule only compares blocks of one document, where that is the same thing.

@@ -24,7 +24,7 @@ def tok():
 @pytest.mark.parametrize("task", T.TASKS)
 def test_prompt_plus_generation_fits_the_length_and_oracle_scores_100(task, length):
     """RULER's rule: chat prompt (template + answer prefix) + generation budget <= length, fitted from below."""
-    from megatron_focusft.analysis.evaluate import prompt_ids
+    from megatron_focusft.analysis.prompts import prompt_ids
 
     for index in range(2):
         s = T.generate_sample(task, length, index, tok())
@@ -125,6 +125,7 @@ def _record(seen, ids, n):
 def test_ruler_prompts_end_with_rulers_answer_prefix():
     """RULER's answer prefixes (RULER constants.py) start the assistant turn; the budgets stay RULER's."""
     from megatron_focusft.analysis import evaluate as ev
+    from megatron_focusft.analysis.prompts import prompt_ids
 
     want = {
         "ruler_niah_mv": (" Answer: The special magic numbers for {q} mentioned in the provided text are", 128),
@@ -143,7 +144,7 @@ def test_ruler_prompts_end_with_rulers_answer_prefix():
             prefix = prefix.format(q=re.search(r"the value (\d+) in the text above\.$", s["input"])[1])
             assert len(s["outputs"]) == 5 and s["input"].count("VAR ") == 5 + 4  # one chain of 4 hops
         assert s["answer_prefix"] == prefix
-        ids = ev.prompt_ids(tok(), s["input"], s["answer_prefix"])
+        ids = prompt_ids(tok(), s["input"], s["answer_prefix"])
         assert tok().decode(ids).endswith(s["input"] + "<|im_end|>\n<|im_start|>assistant\n" + prefix)
         assert ev.max_new_tokens_for(task) == budget
         seen: list = []
@@ -152,7 +153,7 @@ def test_ruler_prompts_end_with_rulers_answer_prefix():
         assert T.score_sample(s, T.oracle_answer(s)) == 1.0 and T.score_sample(s, prefix) == 0.0
     b = T.generate_sample("babilong_qa1", 2048, 0, tok())
     assert b["answer_prefix"] == "" and ev.max_new_tokens_for("babilong_qa1") == 16
-    assert tok().decode(ev.prompt_ids(tok(), b["input"])).endswith("<|im_start|>assistant\n")
+    assert tok().decode(prompt_ids(tok(), b["input"])).endswith("<|im_start|>assistant\n")
 
 
 def _xs(base, k):

@@ -84,13 +84,13 @@ def test_compiled_flex_reuses_one_graph_across_batches():
 
 
 def test_cu_seqlens_and_packed_seq_params():
-    docs = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1])
-    cu = attention.cu_seqlens_from_document_ids(docs)
+    from megatron_focusft.data.packed_input import PackedInput
+
+    docs = [(torch.arange(n), torch.zeros(n)) for n in (3, 2, 4)]
+    cu = PackedInput.from_documents(docs, pad_to=11).cu_seqlens
     assert cu.tolist() == [0, 3, 5, 9, 11] and cu.dtype == torch.int32
     p = attention.packed_seq_params(cu)
     assert p.qkv_format == "thd" and p.max_seqlen_q == p.max_seqlen_kv == 4
-    with pytest.raises(ValueError, match="tail"):
-        attention.cu_seqlens_from_document_ids(torch.tensor([0, -1, 1]))
 
 
 def test_unknown_backend():
@@ -101,6 +101,8 @@ def test_unknown_backend():
 def test_te_backend_errors_are_clear():
     docs, lm = torch.zeros(8, dtype=torch.long), torch.tensor([0, 0, 0, 1, 1, 0, 1, 1])
     with pytest.raises(TEUnavailableError, match="no fused kernel for the glm mask"):
+        attention.build_attention_mask("te", docs, lm, "glm")
+    with pytest.raises(TEUnavailableError, match="supports only --attention-mask causal, not 'glm'"):  # the real flag
         attention.build_attention_mask("te", docs, lm, "glm")
     try:
         import transformer_engine  # noqa: F401

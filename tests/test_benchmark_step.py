@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from megatron_focusft.benchmark import sft_flops, synthetic_input
+from megatron_focusft.benchmark import synthetic_input
+from megatron_focusft.flops import sft_flops
 from megatron_focusft.models.qwen2 import tiny_arch
 from tools import benchmark as tool
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_focusft.attention import core_attention_class
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig, FocuSFTConfigError
-from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
-from megatron_focusft.models.qwen2 import build_model, tiny_arch
-from megatron_focusft.packed_input import PackedInput
+from megatron_focusft.data.packed_input import PackedInput
+from megatron_focusft.models.focusft import build_focusft_model
+from megatron_focusft.models.qwen2 import tiny_arch
 
 
 def _pack() -> PackedInput:
@@ -23,14 +22,8 @@ def _pack() -> PackedInput:
 
 
 def _model_and_step(cfg: FocuSFTConfig):
-    arch = tiny_arch(vocab_size=256)
-    slot = FastWeightSlot()
-    model = build_model(
-        arch,
-        core_attention_class(cfg.attention_backend),
-        mlp_linears_for_layer=fast_weight_linears(slot, cfg.fast_layers(arch.num_layers), cfg.targets),
-    )
-    return model, BilevelStep(model, cfg, slot, arch.vocab_size)
+    model = build_focusft_model(tiny_arch(vocab_size=256), cfg)
+    return model, BilevelStep(model, cfg)
 
 
 def test_inner_loop_lowers_every_documents_loss_and_leaves_base_weights_alone(megatron_cpu):
@@ -42,7 +35,7 @@ def test_inner_loop_lowers_every_documents_loss_and_leaves_base_weights_alone(me
         sft(pack, loss_scale=0.5)
         sgd.step()
 
-    bilevel = BilevelStep(model, FocuSFTConfig(inner_steps=2, attention_backend="dense"), sft.slot, sft.vocab_size)
+    bilevel = BilevelStep(model, FocuSFTConfig(inner_steps=2, attention_backend="dense"))
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     names = set(before)
     model.zero_grad()
@@ -53,7 +46,7 @@ def test_inner_loop_lowers_every_documents_loss_and_leaves_base_weights_alone(me
     after = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     assert set(after) == names and all(torch.equal(before[k], after[k]) for k in names)
     assert all(p.grad is not None for p in model.parameters())
-    assert bilevel.slot.active is None
+    assert model.slot.active is None
 
 
 @pytest.mark.parametrize(
@@ -65,12 +58,32 @@ def test_inner_loop_lowers_every_documents_loss_and_leaves_base_weights_alone(me
         ({"inner_steps": -1}, "--focusft-inner-steps must be >= 0"),
         ({"lora_alpha": 0.0}, "--focusft-lora-alpha must be > 0"),
         ({"attention_backend": "te"}, "--attention-backend te cannot run --attention-mask glm"),
+        (
+            {"attention_backend": "te", "attention_mask": "causal", "recompute": "selective"},
+            "with --attention-backend te use --recompute-granularity full",
+        ),
     ],
 )
 def test_bad_configuration_is_a_clear_error(changes, message):
     cfg = FocuSFTConfig(**changes)
     with pytest.raises(FocuSFTConfigError, match=message):
         cfg.validate(hidden_size=64, ffn_hidden_size=160)
+
+
+def test_a_step_whose_config_disagrees_with_the_built_model_is_refused(megatron_cpu):
+    """The model fixes its backend, recompute and fast layers at build time (layer specs); the step's
+    config may change only the algorithm (mask, inner loop, reduction)."""
+    model = build_focusft_model(tiny_arch(vocab_size=256), FocuSFTConfig(attention_backend="dense"))
+    BilevelStep(model, FocuSFTConfig(attention_backend="dense", attention_mask="causal", bilevel=False))
+    with pytest.raises(FocuSFTConfigError, match="built with recompute=None, the step asks for 'selective'"):
+        BilevelStep(model, FocuSFTConfig(attention_backend="dense", recompute="selective"))
+    with pytest.raises(FocuSFTConfigError, match="built with fast_layers=\\(2, 3\\)"):
+        BilevelStep(model, FocuSFTConfig(attention_backend="dense", layer_fraction=0.75))
+    selective = build_focusft_model(
+        tiny_arch(vocab_size=256), FocuSFTConfig(attention_backend="dense", recompute="selective")
+    )
+    assert all(layer.self_attention.core_attention.recompute for layer in selective.decoder.layers)
+    assert not any(layer.self_attention.core_attention.recompute for layer in model.decoder.layers)
 
 
 def test_fast_weights_split_over_pipeline_stages_is_an_error():

@@ -91,14 +91,13 @@ def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: 
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_focusft.attention import core_attention_class
     from megatron_focusft.bilevel import BilevelStep
     from megatron_focusft.convert.hf_io import HFCheckpointReader
     from megatron_focusft.convert.layout import megatron_sources, to_hf, tp_unshard
     from megatron_focusft.convert.megatron_io import fill_from_hf
-    from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
-    from megatron_focusft.models.qwen2 import Qwen2Arch, build_model, tp_partition_dim
-    from megatron_focusft.packed_input import PackedInput
+    from megatron_focusft.data.packed_input import PackedInput
+    from megatron_focusft.models.focusft import build_focusft_model
+    from megatron_focusft.models.qwen2 import Qwen2Arch, tp_partition_dim
 
     arch = Qwen2Arch.from_hf_dir(hf_dir)
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -113,16 +112,9 @@ def _megatron_grads(hf_dir: Path, cfgs: list[FocuSFTConfig], sequence_parallel: 
 
     results = []
     for cfg in cfgs:
-        slot = FastWeightSlot()
-        model = build_model(
-            arch,
-            core_attention_class(cfg.attention_backend),
-            sequence_parallel=sequence_parallel,
-            perform_initialization=False,
-            mlp_linears_for_layer=fast_weight_linears(slot, cfg.fast_layers(arch.num_layers), cfg.targets),
-        )
+        model = build_focusft_model(arch, cfg, sequence_parallel=sequence_parallel, perform_initialization=False)
         fill_from_hf(model, HFCheckpointReader(hf_dir, arch), torch.float32, progress=False)
-        step = BilevelStep(model, cfg, slot, arch.vocab_size)
+        step = BilevelStep(model, cfg)
         docs = _documents()
         total = sum(d[0].numel() for d in docs)
         inp = PackedInput.from_documents(docs, pad_to=total + padding, pack_index=PACK)  # padding tail too

@@ -12,7 +12,6 @@ from megatron_focusft.data import (
     ChatEncoder,
     DataError,
     FieldNames,
-    blocks_from_loss_mask,
     load_tokenizer,
     normalize_conversation,
 )
@@ -228,16 +227,18 @@ def test_template_that_rewrites_history_is_refused():
     assert e.value.reason == "template"
 
 
-def test_blocks_from_loss_mask_numpy_and_torch(encoder):
+def test_blocks_of_a_rendered_conversation(encoder):
+    """The mask's block rule (masks.py owns it) on a real conversation's loss mask: 1-D, batched, one token."""
     import torch
+
+    from megatron_focusft.masks import blocks_from_loss_mask
 
     doc = encoder.encode(CONVERSATIONS["multi"])
     expected = [0] * 20 + [1] * 3 + [2] * 14 + [3] * 4
-    assert doc.block_ids.tolist() == expected
     assert blocks_from_loss_mask(torch.from_numpy(doc.loss_mask)).tolist() == expected
-    batched = blocks_from_loss_mask(np.stack([doc.loss_mask, doc.loss_mask]))
+    batched = blocks_from_loss_mask(torch.from_numpy(np.stack([doc.loss_mask, doc.loss_mask])))
     assert batched.tolist() == [expected, expected]
-    assert blocks_from_loss_mask(np.array([1], np.uint8)).tolist() == [0]
+    assert blocks_from_loss_mask(torch.tensor([1], dtype=torch.uint8)).tolist() == [0]
 
 
 def test_loss_on_last_turn_only(tok):

@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megatron_focusft.data import Document, blocks_from_loss_mask
+from megatron_focusft.data import Document
 from megatron_focusft.data.dataset import PackedDataset, PackLoader, dataset_files, write_documents
+from megatron_focusft.masks import blocks_from_loss_mask
 
 
 def make_docs(lengths, seed=0):
@@ -30,20 +31,38 @@ def make_docs(lengths, seed=0):
     return docs
 
 
+def rows(b, length):
+    """The per-pack rows of a packed micro-batch [1, packs x length]: (tokens, loss, positions, documents,
+    blocks) as NumPy arrays, and each row's segment boundaries."""
+    blocks = blocks_from_loss_mask(b.loss_mask, b.document_ids)
+    arrays = [t[0].numpy() for t in (b.tokens, b.loss_mask, b.position_ids, b.document_ids, blocks)]
+    cu = b.cu_seqlens.numpy()
+    for r in range(b.length // length):
+        lo, hi = r * length, (r + 1) * length
+        row_cu = [0] + [c - lo for c in cu if lo < c <= hi]
+        yield [a[lo:hi] for a in arrays], row_cu
+
+
+def packs_of(b) -> list[int]:
+    """The packs of a micro-batch, in order (every pack has a document 0)."""
+    return [pack for pack, d in b.document_keys if d == 0]
+
+
 def check_pack_against_docs(tokens, loss, pos, doc_ids, blocks, cu, docs):
     """Every document segment of a packed row equals one unpacked document; returns their indices."""
     seen = []
     for s, e in zip(cu[:-1], cu[1:]):
         d = doc_ids[s]
         if d < 0:  # padding segment
-            assert (doc_ids[s:e] == -1).all() and (loss[s:e] == 0).all() and (blocks[s:e] == -1).all()
+            assert (doc_ids[s:e] == -1).all() and (loss[s:e] == 0).all()
             assert (pos[s:e] == np.arange(e - s)).all()
             continue
         doc = docs[int(tokens[s])]
         assert e - s == len(doc)
         assert (tokens[s:e] == doc.input_ids).all()
         assert (loss[s:e] == doc.loss_mask).all()
-        assert (blocks[s:e] == blocks_from_loss_mask(doc.loss_mask)).all()
+        # the mask's blocks: the document's own, numbered on through the pack
+        assert (blocks[s:e] - blocks[s] == blocks_from_loss_mask(torch.from_numpy(doc.loss_mask)).numpy()).all()
         assert (pos[s:e] == np.arange(e - s)).all()
         assert (doc_ids[s:e] == d).all()
         seen.append(int(tokens[s]))
@@ -66,11 +85,10 @@ def test_write_and_read_back(written):
     assert ds.meta["num_documents"] == len(docs) and ds.meta["num_tokens"] == sum(len(d) for d in docs)
     seen = []
     for i in range(len(ds)):
-        p = ds.get(i, pad_to=32)
-        assert len(p) == 32 and p.num_real_tokens == ds.pack_lengths()[i] <= 32
-        seen += check_pack_against_docs(
-            p.tokens, p.loss_mask, p.position_ids, p.document_ids, p.block_ids, p.cu_seqlens, docs
-        )
+        p = ds.micro_batch([i], pad_to=32)
+        assert p.length == 32 and p.num_tokens == ds.pack_lengths()[i] <= 32
+        ((arrays, cu),) = rows(p, 32)
+        seen += check_pack_against_docs(*arrays, cu, docs)
     assert sorted(seen) == list(range(len(docs)))
 
 
@@ -83,7 +101,7 @@ def test_loader_epochs_ranks_and_resume(written):
     stream = []
     for _ in range(3 * n):  # 6 epochs' worth of global batches
         for ld in loaders:
-            stream += ld.__next__().sample_indices.tolist()
+            stream += packs_of(next(ld))
     for e in range(len(stream) // n):
         assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))  # each pack once per epoch
     assert stream[:n] != stream[n : 2 * n]  # reshuffled per epoch
@@ -93,36 +111,37 @@ def test_loader_epochs_ranks_and_resume(written):
     resumed = PackLoader(ds, 1, dp, seed=3, micro_batch_size=mbs, consumed_samples=3 * dp * mbs)
     for b in batches[3:]:
         r = next(resumed)
-        assert torch.equal(r.tokens, b.tokens) and torch.equal(r.sample_indices, b.sample_indices)
+        assert torch.equal(r.tokens, b.tokens) and r.document_keys == b.document_keys
     assert resumed.consumed_samples == ref.consumed_samples == 7 * dp * mbs
     # a different seed, a different order; num_epochs stops before an incomplete global batch
     other = PackLoader(ds, 0, 1, seed=4, micro_batch_size=1, num_epochs=1)
-    assert sorted(b.sample_indices.item() for b in other) == list(range(n))
+    assert sorted(p for b in other for p in packs_of(b)) == list(range(n))
 
 
 def test_batch_layout(written):
     prefix, docs = written
     ld = PackLoader(prefix, 0, 1, seed=0, micro_batch_size=3, pad_multiple=12)
     b = next(ld)
-    assert b.tokens.shape == (3, 36) and b.tokens.dtype == torch.long  # 32 rounded up to a multiple of 12
+    # three packs back to back in one row, each 32 rounded up to a multiple of 12
+    assert b.tokens.shape == (1, 3 * 36) and b.tokens.dtype == torch.long
     cu = b.cu_seqlens.numpy()
-    assert cu.dtype == np.int32 and cu[-1] == 3 * 36 and b.max_seqlen == int(np.diff(cu).max())
-    row_cu = [0]
-    for r in range(3):
-        rc = [c - 36 * r for c in cu if 36 * r < c <= 36 * (r + 1)]
-        check_pack_against_docs(
-            *(x[r].numpy() for x in (b.tokens, b.loss_mask, b.position_ids, b.document_ids, b.block_ids)),
-            [0] + rc,
-            docs,
-        )
-        row_cu += rc
+    assert cu.dtype == np.int32 and cu[-1] == 3 * 36 and (np.diff(cu) > 0).all()
+    for arrays, row_cu in rows(b, 36):
+        assert row_cu[-1] == 36  # every row's segments end at the row's end
+        check_pack_against_docs(*arrays, row_cu, docs)
+    # document ids count on through the row: no two packs share one (the mask never joins packs)
+    real = b.document_ids[0][b.document_ids[0] >= 0]
+    assert torch.equal(real.unique_consecutive(), torch.arange(b.num_documents))
+    ds = PackedDataset(prefix)
+    assert b.document_keys == [(p, d) for p in packs_of(b) for d in range(len(ds.documents(p)))]
     # labels are the next token; the loss counts where the next token is a response token of the same doc
     assert torch.equal(b.labels[:, :-1], b.tokens[:, 1:])
     same = b.document_ids[:, 1:] == b.document_ids[:, :-1]
     assert torch.equal(b.label_mask[:, :-1], b.loss_mask[:, 1:] * same.float())
-    assert (b.label_mask[:, -1] == 0).all()
+    assert (b.label_mask[0, 35::36] == 0).all()  # a row's last position predicts nothing
+    assert b.num_tokens == sum(int(ds.pack_lengths()[p]) for p in packs_of(b))
     dyn = next(PackLoader(prefix, 0, 1, seed=0, micro_batch_size=3, pad_multiple=4, fixed_length=False))
-    assert dyn.tokens.shape[1] % 4 == 0 and dyn.tokens.shape[1] <= 32
+    assert dyn.length % 3 == 0 and (dyn.length // 3) % 4 == 0 and dyn.length // 3 <= 32
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -146,18 +165,10 @@ def test_property_every_document_once_per_epoch(tmp_path_factory, lengths, pack_
     for _ in range(steps):
         for ld in loaders:
             b = next(ld)
-            assert b.tokens.shape == (mbs, pack_length)
-            stream += b.sample_indices.tolist()
-            for r in range(mbs):
-                rc = b.cu_seqlens.numpy()
-                rc = [0] + [c - pack_length * r for c in rc if pack_length * r < c <= pack_length * (r + 1)]
-                seen_docs.append(
-                    check_pack_against_docs(
-                        *(x[r].numpy() for x in (b.tokens, b.loss_mask, b.position_ids, b.document_ids, b.block_ids)),
-                        rc,
-                        docs,
-                    )
-                )
+            assert b.tokens.shape == (1, mbs * pack_length)
+            stream += packs_of(b)
+            for arrays, row_cu in rows(b, pack_length):
+                seen_docs.append(check_pack_against_docs(*arrays, row_cu, docs))
     # Ranks in order within a step = the global stream: every pack, and so every document, once per epoch.
     assert stream == [loaders[0].sample_at(p) for p in range(len(stream))]
     for epoch in range(2):
@@ -168,7 +179,7 @@ def test_property_every_document_once_per_epoch(tmp_path_factory, lengths, pack_
 
 
 def ds_docs(ds, i):
-    return [int(t[0]) for t, _, _ in ds.documents(i)]
+    return [int(t[0]) for t, _ in ds.documents(i)]
 
 
 def test_missing_or_inconsistent_files(written, tmp_path):

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_focusft.data import blocks_from_loss_mask
+from megatron_focusft.data.packed_input import PackedInput
 from megatron_focusft.data.packing import (
     best_fit_decreasing,
-    make_pack,
     packing_efficiency,
     pad_multiple,
     round_up,
 )
+from megatron_focusft.masks import blocks_from_loss_mask
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -75,23 +76,41 @@ def test_pack_layout_agrees_with_the_unpacked_documents(masks, extra):
     loss = [np.array(m, dtype=np.uint8) for m in masks]
     ids = [rng.integers(0, 1000, len(m)).astype(np.int32) for m in masks]
     real = sum(len(m) for m in masks)
-    pack = make_pack(ids, loss, pad_to=real + extra, pad_id=7)
-    assert len(pack) == real + extra and pack.num_real_tokens == real
-    cu = pack.cu_seqlens
-    assert cu[0] == 0 and cu[-1] == len(pack) and (np.diff(cu) > 0).all()
+    pack = _pack(ids, loss, pad_to=real + extra, pad_id=7)
+    assert pack.length == real + extra and pack.num_tokens == real
+    cu = pack.cu_seqlens.numpy()
+    assert cu[0] == 0 and cu[-1] == pack.length and (np.diff(cu) > 0).all()
     assert len(cu) == len(masks) + 1 + (1 if extra else 0)
     assert pack.num_documents == len(masks)
+    tokens, lm, pos, doc = (t[0].numpy() for t in (pack.tokens, pack.loss_mask, pack.position_ids, pack.document_ids))
+    blocks = blocks_from_loss_mask(pack.loss_mask, pack.document_ids)[0].numpy()
     for d in range(len(masks)):
         s, e = cu[d], cu[d + 1]
-        assert (pack.tokens[s:e] == ids[d]).all()
-        assert (pack.loss_mask[s:e] == loss[d]).all()
-        assert (pack.position_ids[s:e] == np.arange(e - s)).all()
-        assert (pack.document_ids[s:e] == d).all()
-        assert (pack.block_ids[s:e] == blocks_from_loss_mask(loss[d])).all()
-    if extra:  # the padding: its own segment, positions from 0, document/block -1, no loss
+        assert (tokens[s:e] == ids[d]).all()
+        assert (lm[s:e] == loss[d]).all()
+        assert (pos[s:e] == np.arange(e - s)).all()
+        assert (doc[s:e] == d).all()
+        # the mask's blocks of the pack are the document's own blocks, numbered on through the pack
+        alone = blocks_from_loss_mask(torch.from_numpy(loss[d]))
+        assert (blocks[s:e] - blocks[s] == alone.numpy()).all()
+        assert d == 0 or blocks[s] > blocks[s - 1]  # a new document is a new block
+    if extra:  # the padding: its own segment, positions from 0, document -1, no loss
         s = cu[-2]
-        assert (pack.tokens[s:] == 7).all() and (pack.loss_mask[s:] == 0).all()
-        assert (pack.position_ids[s:] == np.arange(extra)).all()
-        assert (pack.document_ids[s:] == -1).all() and (pack.block_ids[s:] == -1).all()
-    with pytest.raises(ValueError):
-        make_pack(ids + [np.zeros(1, np.int32)], loss + [np.zeros(1, np.uint8)], pad_to=real)
+        assert (tokens[s:] == 7).all() and (lm[s:] == 0).all()
+        assert (pos[s:] == np.arange(extra)).all()
+        assert (doc[s:] == -1).all()
+    # the label rule: the next token; the loss counts where it is a response token of the same document
+    if pack.length:
+        assert (pack.labels[0, :-1] == pack.tokens[0, 1:]).all() and pack.labels[0, -1] == 7
+        same = pack.document_ids[0, 1:] == pack.document_ids[0, :-1]
+        assert torch.equal(pack.label_mask[0, :-1], pack.loss_mask[0, 1:] * same.float())
+        assert pack.label_mask[0, -1] == 0 and pack.num_response_tokens == int(pack.label_mask.sum())
+    with pytest.raises(ValueError, match="do not fit"):
+        _pack(ids + [np.zeros(1, np.int32)], loss + [np.zeros(1, np.uint8)], pad_to=real, pad_id=7)
+
+
+def _pack(ids, loss, pad_to, pad_id):
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    cat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    cat_loss = np.concatenate(loss) if loss else np.zeros(0, np.uint8)
+    return PackedInput.from_packs([cat], [cat_loss], [lengths], [0], pad_to=pad_to, pad_id=pad_id)

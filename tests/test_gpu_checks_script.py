@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ SCRIPT = os.path.join(ROOT, "tools", "gpu_checks.sh")
 
 
 def _run(*args: str, tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", SCRIPT, *args, str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHON": sys.executable}  # the script's interpreter is this test's, not PATH's python3
+    return subprocess.run(
+        ["bash", SCRIPT, *args, str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, env=env
+    )
 
 
 def test_syntax():

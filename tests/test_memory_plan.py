@@ -176,19 +176,17 @@ def test_prediction_matches_cuda_peak(seq_length):
     """Standard SFT through BilevelStep, bf16, flex: the growth of allocated memory over one forward+backward
     (bf16 .grad + activations + working set + head) within 10% of the plan."""
     from megatron_focusft import runtime
-    from megatron_focusft.attention import core_attention_class
     from megatron_focusft.benchmark import synthetic_input
     from megatron_focusft.bilevel import BilevelStep
     from megatron_focusft.config import FocuSFTConfig
-    from megatron_focusft.fast_weights import FastWeightSlot
-    from megatron_focusft.models.qwen2 import build_model
+    from megatron_focusft.models.focusft import build_focusft_model
 
     runtime.initialize("cuda")
     try:
         arch = Qwen2Arch(1024, 4, 16, 4, 2816, 32000, False)
         cfg = FocuSFTConfig(inner_steps=0, attention_backend="flex")
-        model = build_model(arch, core_attention_class("flex"), params_dtype=torch.bfloat16).cuda()
-        step = BilevelStep(model, cfg, FastWeightSlot(), arch.vocab_size)
+        model = build_focusft_model(arch, cfg, params_dtype=torch.bfloat16).cuda()
+        step = BilevelStep(model, cfg)
         inp = synthetic_input(seq_length, arch.vocab_size).to(torch.device("cuda"))
         step(inp, 1.0)  # compile the kernel
         model.zero_grad(set_to_none=True)

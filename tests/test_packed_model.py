@@ -11,6 +11,7 @@ from tests.distributed import run_distributed
 
 LENS = (13, 21, 9)  # three documents ...
 PAD = 5  # ... and a padding tail; 48 tokens, divisible by TP=2 for sequence parallelism
+CU_SEQLENS = torch.tensor([0, 13, 34, 43, 48], dtype=torch.int32)  # the documents, then the padding
 
 
 def build_model(backend: str, tp: int = 1, sequence_parallel: bool = False):
@@ -35,7 +36,7 @@ def make_pack(seed: int = 0):
 
 def run_pack(model, backend, mode, tokens, positions, docs, lm):
     mask = attention.build_attention_mask(backend, docs, lm, mode)
-    params = attention.packed_seq_params(attention.cu_seqlens_from_document_ids(docs))
+    params = attention.packed_seq_params(CU_SEQLENS)
     return model(tokens, positions, mask, packed_seq_params=params)[0]
 
 
@@ -89,7 +90,7 @@ def test_rope_positions_restart_in_every_document(models):
     model, backend, mode = models["dense"], "dense", "glm"
     tokens, positions, docs, lm = make_pack()
     mask = attention.build_attention_mask(backend, docs, lm, mode)
-    params = attention.packed_seq_params(attention.cu_seqlens_from_document_ids(docs))
+    params = attention.packed_seq_params(CU_SEQLENS)
     packed = _queries_of_first_layer(model, tokens, positions, mask, packed_seq_params=params)
     unrestarted = _queries_of_first_layer(model, tokens, positions, mask)
     start = LENS[0]

@@ -223,7 +223,7 @@ def test_preprocess_with_tiny_tokenizer(tmp_path, tiny_dir):
     assert ds.pad_id == tok.pad_id
     loss = 0
     for i in range(len(ds)):
-        pack = ds.get(i)
+        pack = ds.micro_batch([i])
         assert int(pack.tokens.max()) < tok.vocab_size
         loss += int(pack.loss_mask.sum())
     assert loss > 0

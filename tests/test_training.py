@@ -113,9 +113,7 @@ def test_sgd_step_equals_minus_the_oracle_gradient(setup_files, tmp_path):
     layers = hf.model.layers
     samples = []
     for pack in loader.epoch_order(0)[:2].tolist():
-        p = loader.dataset.get(pack)
-        for d, doc in enumerate(sorted(set(p.document_ids[p.document_ids >= 0].tolist()))):
-            at = p.document_ids == doc
+        for d, (ids, loss) in enumerate(loader.dataset.documents(pack)):
             a0 = {}
             for i in fast_layer_indices(len(layers)):
                 for t, hf_t in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
@@ -123,8 +121,8 @@ def test_sgd_step_equals_minus_the_oracle_gradient(setup_files, tmp_path):
                     a0[i, hf_t] = draw_lora_a((77, 0, pack, d, i, TARGET_IDS[t]), 8, fan_in, torch.device("cpu"))
             samples.append(
                 {
-                    "input_ids": torch.from_numpy(p.tokens[at]).long(),
-                    "loss_mask": torch.from_numpy(p.loss_mask[at]).long(),
+                    "input_ids": torch.from_numpy(ids).long(),
+                    "loss_mask": torch.from_numpy(loss).long(),
                     "A0": a0,
                 }
             )
@@ -459,7 +457,7 @@ def test_wandb_run_resumes_with_the_save_folder(tmp_path, megatron_cpu, monkeypa
 
 
 def test_peak_tflops_per_gpu_variant():
-    from megatron_focusft.benchmark import peak_tflops
+    from megatron_focusft.flops import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # SXM
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
@@ -520,7 +518,7 @@ def _oracle_valid_loss(hf_dir: Path, prefix: str, mode: str) -> float:
     dataset = PackedDataset(prefix)
     with torch.no_grad():
         for i in range(len(dataset)):
-            for ids, loss_mask, _ in dataset.documents(i):
+            for ids, loss_mask in dataset.documents(i):
                 ids, loss_mask = torch.from_numpy(ids).long(), torch.from_numpy(loss_mask).long()
                 out = hf(input_ids=ids[None], attention_mask=additive_mask(loss_mask, mode, torch.float32))
                 losses.append(response_loss(out.logits[0], ids, loss_mask)[0])
@@ -558,16 +556,15 @@ def _one_step_metrics(argv: list[str]) -> dict:
 
 def test_a_step_counts_the_tokens_and_flops_of_the_whole_global_batch(setup_files, tmp_path):
     """Two DP ranks, 2 packs each: the step's token and FLOP counts are those of all 4 packs."""
-    from megatron_focusft.benchmark import sft_flops
     from megatron_focusft.convert.megatron_io import CheckpointMeta
-    from megatron_focusft.data.dataset import PackedDataset, PackLoader, collate
-    from megatron_focusft.packed_input import PackedInput
+    from megatron_focusft.data.dataset import PackedDataset, PackLoader
+    from megatron_focusft.flops import sft_flops
 
     ckpt, data = setup_files
     argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "4", "--train-iters", "1", "--seed", "9")
     got = runtime.launch_cpu_processes(_one_step_metrics, 2, args=(argv,))
     dataset, arch = PackedDataset(data), CheckpointMeta.read(ckpt).arch
     packs = PackLoader(dataset, 0, 1, seed=9, micro_batch_size=4).epoch_order(0)[:4].tolist()
-    inputs = [PackedInput.from_batch(collate([dataset.get(i)], [i], dataset.pad_id)) for i in packs]
+    inputs = [dataset.micro_batch([i]) for i in packs]
     assert got["tokens"] == sum(int(dataset.pack_lengths()[i]) for i in packs)
     assert got["flops"] == pytest.approx(sum(sft_flops(arch, inp) for inp in inputs), rel=1e-12)

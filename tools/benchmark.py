@@ -5,7 +5,8 @@
     python tools/benchmark.py --preset tiny --seq-length 1024 --device cpu --dtype fp32 --backend dense
 
 One process, one model, one synthetic pack of agentic trajectories; only the FocuSFT config differs
-between the rows.  See ``megatron_focusft/benchmark.py`` for what is timed and how FLOPs are counted.
+between the rows.  See ``megatron_focusft/benchmark.py`` for what is timed and ``megatron_focusft/flops.py`` for
+how FLOPs are counted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from megatron_focusft import benchmark, flags, memory_plan, runtime
 from megatron_focusft.analysis.tasks import parse_length
 from megatron_focusft.config import FocuSFTConfigError
 from megatron_focusft.convert.megatron_io import DTYPES
+from megatron_focusft.flops import peak_tflops
 from megatron_focusft.models.qwen2 import ConfigError, get_preset, tiny_arch
 
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     peak = args.peak_tflops
     if peak is None and args.device == "cuda":
-        peak = benchmark.peak_tflops(torch.cuda.get_device_name(), DTYPES[args.dtype])
+        peak = peak_tflops(torch.cuda.get_device_name(), DTYPES[args.dtype])
     rows = benchmark.run(arch, seq_lens, base, device, DTYPES[args.dtype], args.warmup, args.iters, peak)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(

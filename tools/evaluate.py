@@ -126,6 +126,7 @@ def run(args) -> list[dict]:
     import torch.distributed as dist
 
     from megatron_focusft.analysis import evaluate as ev
+    from megatron_focusft.analysis.prompts import eos_ids
     from megatron_focusft.analysis.tasks import generate, parse_length
     from megatron_focusft.data import load_tokenizer
 
@@ -137,7 +138,7 @@ def run(args) -> list[dict]:
     samples = generate(
         task_list(args.tasks), lengths, args.samples, tokenizer, args.seed, args.haystack, args.max_new_tokens
     )
-    eos = ev.eos_ids(tokenizer)
+    eos = eos_ids(tokenizer)
     if args.hf_dir:
         from transformers import AutoModelForCausalLM
 

@@ -4,7 +4,7 @@
     python tools/preprocess_data.py --input data.jsonl --tokenizer CKPT_DIR --out data/train \\
         --pack-length 32768 --workers 8 --stats-json stats.json
 
-Writes ``OUT.bin/.idx`` (tokens), ``OUT.loss_mask.*``, ``OUT.block_ids.*`` and ``OUT.json`` (metadata).
+Writes ``OUT.bin/.idx`` (tokens), ``OUT.loss_mask.*`` and ``OUT.json`` (metadata).
 Exit status: 0 on success; 1 on a data error under ``--on-error fail`` or a bad tokenizer folder; 2 on bad
 usage, including an input file that is missing, unreadable or of an unknown format (every input is checked
 before anything is read or written).  On any error nothing is written and an existing dataset at the output

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from megatron_focusft.analysis.attention_stats import AttentionStats, token_roles
 from megatron_focusft.analysis.capture import AttentionProbe, ProbeAttention, decoder_hidden_states
+from megatron_focusft.analysis.prompts import check_token_ids
 
 
 @dataclass
@@ -74,27 +75,6 @@ def load_samples(data: str, tokenizer, limit: int | None = None, max_length: int
         if limit is not None and len(samples) >= limit:
             break
     return samples
-
-
-def check_token_ids(ids, vocab_size: int, *, fold: bool = False, source: str = ""):
-    """``ids`` unchanged when every id is below ``vocab_size``.  Otherwise the tokenizer does not belong to
-    the model: a ValueError naming ``source`` (e.g. the tokenizer folder and the checkpoint), unless ``fold``
-    (an explicit opt-in for tiny test models read with a real tokenizer) folds them modulo the vocabulary."""
-    top = int(np.max(np.asarray(ids))) if len(ids) else -1
-    if top < vocab_size:
-        return ids
-    if not fold:
-        where = f" ({source})" if source else ""
-        raise ValueError(
-            f"token id {top} is outside the model's vocabulary of {vocab_size}: the tokenizer does not belong "
-            f"to the checkpoint{where}; pass the checkpoint's own tokenizer"
-        )
-    warnings.warn(
-        f"token ids up to {top} exceed the model's vocabulary ({vocab_size}); folded modulo the vocabulary size "
-        "as asked (only meaningful for tiny test models)",
-        stacklevel=2,
-    )
-    return [int(i) % vocab_size for i in ids] if isinstance(ids, list) else np.asarray(ids) % vocab_size
 
 
 def fold_tokens(ids: np.ndarray, vocab_size: int, *, fold: bool = False, source: str = "") -> torch.Tensor:

@@ -14,29 +14,10 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from megatron_focusft.analysis.prompts import check_token_ids, eos_ids, prompt_ids
 from megatron_focusft.analysis.tasks import MAX_NEW_TOKENS, max_new_tokens_for, score_sample
 
-__all__ = ["MAX_NEW_TOKENS", "accuracy_table", "evaluate", "markdown_table", "max_new_tokens_for", "prompt_ids"]
-
-
-def prompt_ids(tokenizer, text: str, answer_prefix: str = "") -> list[int]:
-    """Token ids of ``text`` as a user turn plus the assistant header, in the checkpoint's chat format,
-    followed by ``answer_prefix`` (RULER's per-task start of the answer; the model continues it)."""
-    from megatron_focusft.data.chat import Qwen25Renderer, TemplateRenderer, make_renderer
-
-    renderer = make_renderer(tokenizer)
-    messages = [{"role": "user", "content": text}]
-    if isinstance(renderer, TemplateRenderer):
-        rendered = renderer.full(messages, None, add_generation_prompt=True)
-    else:
-        assert isinstance(renderer, Qwen25Renderer)
-        rendered = "".join(s.text for s in renderer.render(messages, None)) + "<|im_start|>assistant\n"
-    return tokenizer.encode(rendered + answer_prefix)
-
-
-def eos_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    return [i for i in ids if i is not None]
+__all__ = ["MAX_NEW_TOKENS", "accuracy_table", "evaluate", "markdown_table", "max_new_tokens_for"]
 
 
 def evaluate(
@@ -53,8 +34,6 @@ def evaluate(
 
     Prompt ids beyond ``vocab_size`` (a tokenizer that is not the model's) are a ValueError naming ``source``,
     unless ``fold_vocab`` (tiny test models) folds them modulo the vocabulary."""
-    from megatron_focusft.analysis.analyze import check_token_ids
-
     results = []
     for s in tqdm(samples, desc="evaluate", unit="sample", disable=not progress):
         ids = prompt_ids(tokenizer, s["input"], s.get("answer_prefix", ""))

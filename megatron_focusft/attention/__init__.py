@@ -6,9 +6,11 @@
 
 One micro-batch::
 
-    mask = build_attention_mask(backend, document_ids, loss_mask, mode)   # once, shared by every layer
-    params = packed_seq_params(cu_seqlens_from_document_ids(document_ids))  # packed (thd), b = 1
-    logits = model(tokens, position_ids, mask, packed_seq_params=params)
+    mask = build_attention_mask(backend, inp.document_ids, inp.loss_mask, mode)  # once, shared by every layer
+    params = packed_seq_params(inp.cu_seqlens)                                  # packed (thd), b = 1
+    logits = model(inp.tokens, inp.position_ids, mask, packed_seq_params=params)
+
+(``inp``: a :class:`megatron_focusft.data.packed_input.PackedInput`.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_focusft.masks import PADDING_DOCUMENT, MaskInputs, MaskMode
+from megatron_focusft.masks import MaskInputs, MaskMode
 
 BACKENDS: tuple[str, ...] = ("flex", "dense", "te")
 
@@ -71,23 +73,6 @@ def build_attention_mask(
     from megatron_focusft.attention import te
 
     return te.build_mask(inputs)
-
-
-def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
-    """int32 [n + 1] boundaries of the contiguous runs of equal document id in one pack ([s] or [1, s]).
-
-    The padding tail (id -1) is its own final segment, so ``cu_seqlens[-1]`` is the whole pack length.
-    """
-    docs = document_ids.reshape(-1) if document_ids.dim() == 1 or document_ids.shape[0] == 1 else None
-    if docs is None:
-        raise ValueError(f"a pack is one sequence ([s] or [1, s]), got {tuple(document_ids.shape)}")
-    starts = torch.nonzero(docs[1:] != docs[:-1]).reshape(-1) + 1
-    zero = torch.zeros(1, dtype=starts.dtype, device=docs.device)
-    end = torch.full((1,), docs.numel(), dtype=starts.dtype, device=docs.device)
-    pad = (docs == PADDING_DOCUMENT).nonzero()
-    if pad.numel() and pad[0].item() + pad.numel() != docs.numel():
-        raise ValueError("padding (document id -1) must be the tail of the pack")
-    return torch.cat([zero, starts, end]).to(torch.int32)
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:

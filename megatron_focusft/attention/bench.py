@@ -108,13 +108,7 @@ def run_one(
     if backend == "sdpa" and mode != "causal":
         return Result(backend, mode, seq_len, None, None, None, frac, "sdpa/flash has no glm mask")
     docs, lm = docs.to(device), lm.to(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    shape = (1, heads, seq_len, head_dim)
-    kv_shape = (1, kv_heads, seq_len, head_dim)
-    q = torch.randn(shape, generator=g, device=device, dtype=dtype).requires_grad_(backward)
-    k = torch.randn(kv_shape, generator=g, device=device, dtype=dtype).requires_grad_(backward)
-    v = torch.randn(kv_shape, generator=g, device=device, dtype=dtype).requires_grad_(backward)
-    gqa = heads != kv_heads
+    q, k, v = _random_qkv(seq_len, heads, kv_heads, head_dim, dtype, device, backward, seed)
 
     def build_mask():
         if backend == "flex":
@@ -126,17 +120,7 @@ def run_one(
     try:
         mask = build_mask()  # the first build also warms up
         mask_ms = _timed(build_mask, device, 1) if backend != "sdpa" else None
-        if backend == "flex":
-            from megatron_focusft.attention.flex import flex_kernel
-
-            kernel = flex_kernel(device)
-
-            def attn():
-                return kernel(q, k, v, block_mask=mask, enable_gqa=gqa)
-        else:
-
-            def attn():
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        attn = _attention_call(backend, mask, q, k, v, device, gqa=heads != kv_heads)
 
         def step():
             out = attn()
@@ -144,20 +128,48 @@ def run_one(
                 out.backward(torch.ones_like(out))
                 q.grad = k.grad = v.grad = None
 
-        grad_ctx = torch.enable_grad if backward else torch.no_grad
-        with grad_ctx():
-            for _ in range(warmup):
-                step()
-            peak = None
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            ms = _timed(step, device, iters)
-            if device.type == "cuda":
-                peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        ms, peak = _measure(step, device, backward, warmup, iters)
     except torch.OutOfMemoryError:
         return Result(backend, mode, seq_len, None, None, None, frac, "OOM")
     return Result(backend, mode, seq_len, ms, peak, mask_ms, frac)
+
+
+def _random_qkv(seq_len, heads, kv_heads, head_dim, dtype, device, backward: bool, seed: int):
+    """q [1, heads, s, d] and k, v [1, kv_heads, s, d], drawn in that order from one seeded generator."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (1, heads, seq_len, head_dim)
+    kv_shape = (1, kv_heads, seq_len, head_dim)
+    q = torch.randn(shape, generator=g, device=device, dtype=dtype).requires_grad_(backward)
+    k = torch.randn(kv_shape, generator=g, device=device, dtype=dtype).requires_grad_(backward)
+    v = torch.randn(kv_shape, generator=g, device=device, dtype=dtype).requires_grad_(backward)
+    return q, k, v
+
+
+def _attention_call(backend: str, mask, q, k, v, device: torch.device, *, gqa: bool) -> Callable[[], torch.Tensor]:
+    """The attention under test as a call without arguments: FlexAttention's kernel with the BlockMask, or
+    SDPA with the bool mask (``dense``) or with ``is_causal`` and no mask (``sdpa``)."""
+    if backend == "flex":
+        from megatron_focusft.attention.flex import flex_kernel
+
+        kernel = flex_kernel(device)
+        return lambda: kernel(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def _measure(step: Callable[[], None], device: torch.device, backward: bool, warmup: int, iters: int):
+    """(ms per ``step`` after ``warmup`` untimed ones, peak MiB allocated above the start on CUDA else None)."""
+    grad_ctx = torch.enable_grad if backward else torch.no_grad
+    with grad_ctx():
+        for _ in range(warmup):
+            step()
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        ms = _timed(step, device, iters)
+        if device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return ms, peak
 
 
 def run(

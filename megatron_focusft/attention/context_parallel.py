@@ -14,13 +14,20 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def load_balanced_index(length: int, cp_size: int, cp_rank: int, device: torch.device | None = None) -> torch.Tensor:
-    """Global positions of the tokens CP rank ``cp_rank`` holds: chunks ``cp_rank`` and ``2 CP - 1 - cp_rank``."""
+def load_balanced_chunks(length: int, cp_size: int, cp_rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The global ``(start, end)`` of the two chunks CP rank ``cp_rank`` holds, in its order: chunks
+    ``cp_rank`` and ``2 CP - 1 - cp_rank`` of ``2 CP``."""
     if length % (2 * cp_size):
         raise ValueError(f"pack length {length} is not a multiple of 2 x context-parallel size {cp_size}")
     chunk = length // (2 * cp_size)
-    starts = (cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk)
-    return torch.cat([torch.arange(s, s + chunk, device=device) for s in starts])
+    first, second = cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk
+    return (first, first + chunk), (second, second + chunk)
+
+
+def load_balanced_index(length: int, cp_size: int, cp_rank: int, device: torch.device | None = None) -> torch.Tensor:
+    """Global positions of the tokens CP rank ``cp_rank`` holds (:func:`load_balanced_chunks`, concatenated)."""
+    chunks = load_balanced_chunks(length, cp_size, cp_rank)
+    return torch.cat([torch.arange(s, e, device=device) for s, e in chunks])
 
 
 def _gathered_order(cp_size: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ class DenseAttention(MegatronModule):
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        recompute: bool = False,
         **_: object,
     ) -> None:
         super().__init__(config=config)
@@ -45,7 +46,7 @@ class DenseAttention(MegatronModule):
         self.groups_per_partition = divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.recompute = False  # set by the bilevel step for selective activation recompute
+        self.recompute = recompute  # selective activation recompute (a layer-spec parameter)
 
     def forward(
         self,

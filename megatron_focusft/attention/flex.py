@@ -112,6 +112,7 @@ class FlexAttention(MegatronModule):
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        recompute: bool = False,
         **_: object,
     ) -> None:
         super().__init__(config=config)
@@ -121,7 +122,7 @@ class FlexAttention(MegatronModule):
         tp = config.tensor_model_parallel_size
         self.enable_gqa = divide(config.num_attention_heads, tp) != divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale
-        self.recompute = False  # set by the bilevel step for selective activation recompute
+        self.recompute = recompute  # selective activation recompute (a layer-spec parameter)
 
     def forward(
         self,

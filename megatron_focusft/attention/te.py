@@ -36,7 +36,7 @@ def require_transformer_engine() -> None:
 def check_mode(mode: str) -> None:
     if mode != "causal":
         raise TEUnavailableError(
-            f"--attention-backend te supports only --mask-mode causal, not {mode!r}: "
+            f"--attention-backend te supports only --attention-mask causal, not {mode!r}: "
             "TransformerEngine has no fused kernel for the glm mask (bidirectional context blocks), "
             "and its unfused fallback "
             "materialises S x S scores (about 57 GB per layer at 32K tokens for a 7B model); "

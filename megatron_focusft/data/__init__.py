@@ -8,22 +8,20 @@ from .chat import (
     Document,
     Qwen25Renderer,
     TemplateRenderer,
-    blocks_from_loss_mask,
     normalize_conversation,
 )
-from .dataset import Batch, PackedDataset, PackLoader, write_documents, write_packs
+from .dataset import PackedDataset, PackLoader, write_documents, write_packs
 from .errors import DataError
-from .packing import Pack, best_fit_decreasing, make_pack, pad_multiple
+from .packed_input import PackedInput
+from .packing import best_fit_decreasing, pad_multiple
 from .reading import FieldNames, iter_records, parse_record
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 __all__ = [
-    "Batch",
-    "Pack",
     "PackLoader",
     "PackedDataset",
+    "PackedInput",
     "best_fit_decreasing",
-    "make_pack",
     "pad_multiple",
     "write_documents",
     "write_packs",
@@ -34,7 +32,6 @@ __all__ = [
     "FieldNames",
     "Qwen25Renderer",
     "TemplateRenderer",
-    "blocks_from_loss_mask",
     "iter_records",
     "load_tokenizer",
     "normalize_conversation",

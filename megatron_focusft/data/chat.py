@@ -12,8 +12,8 @@ Both return segments (context / assistant header / assistant response).  The who
 response token when any of its characters lies in a response segment.
 
 Loss mask: 1 on the assistant body, its ``<|im_end|>`` and the newline after it; 0 on the
-``<|im_start|>assistant\\n`` header and every other turn.
-Blocks are the maximal runs of equal loss-mask value.
+``<|im_start|>assistant\\n`` header and every other turn.  (The context/response blocks of the attention
+mask are the maximal runs of equal loss-mask value: :mod:`megatron_focusft.masks` derives them.)
 """
 
 from __future__ import annotations
@@ -38,28 +38,6 @@ RendererName = Literal["auto", "template", "qwen2.5"]
 
 
 # --------------------------------------------------------------------------------------------- documents
-def blocks_from_loss_mask(loss_mask):
-    """Block ids: maximal runs of equal loss-mask value, numbered 0, 1, 2, ... along the last dimension.
-
-    ``block[0] = 0`` and ``block[t] = #{s <= t: mask[s] != mask[s-1]}``.  Works on NumPy arrays (int32 result)
-    and torch tensors (int64 result), 1-D or batched over leading dimensions.  For a packed sequence apply it
-    per document (or use the pack's ``block_ids``, which restart at 0 in each document).
-    """
-    if isinstance(loss_mask, np.ndarray):
-        m = loss_mask
-        out = np.zeros(m.shape, dtype=np.int32)
-        if m.shape[-1] > 1:
-            np.cumsum(m[..., 1:] != m[..., :-1], axis=-1, out=out[..., 1:])
-        return out
-    import torch
-
-    m = loss_mask
-    out = torch.zeros(m.shape, dtype=torch.long, device=m.device)
-    if m.shape[-1] > 1:
-        out[..., 1:] = (m[..., 1:] != m[..., :-1]).long().cumsum(-1)
-    return out
-
-
 @dataclass
 class Document:
     """One tokenized conversation: ``input_ids`` (int32) and ``loss_mask`` (uint8, 1 = response token)."""
@@ -71,10 +49,6 @@ class Document:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
-
-    @property
-    def block_ids(self) -> np.ndarray:
-        return blocks_from_loss_mask(self.loss_mask)
 
     @property
     def num_loss_tokens(self) -> int:
@@ -137,6 +111,15 @@ def normalize_conversation(record: dict, fields: FieldNames | None = None) -> tu
     assistant turn that calls tools.  Raises :class:`DataError` (without location) on bad input.
     """
     fields = fields or FieldNames()
+    messages = _messages_field(record, fields)
+    tools = _tools_field(record, fields)
+    out: list[dict] = []
+    for i, msg in enumerate(messages):
+        out.append(_normalize_message(msg, f"message {i}", fields, out))
+    return out, tools
+
+
+def _messages_field(record: dict, fields: FieldNames) -> list:
     messages = record.get(fields.messages)
     if isinstance(messages, str):  # e.g. a Parquet column holding JSON text
         try:
@@ -145,6 +128,10 @@ def normalize_conversation(record: dict, fields: FieldNames | None = None) -> tu
             raise DataError(f"field {fields.messages!r} is not valid JSON", "malformed_json") from None
     if not isinstance(messages, list) or not messages:
         raise DataError(f"field {fields.messages!r} missing or not a non-empty list", "bad_record")
+    return messages
+
+
+def _tools_field(record: dict, fields: FieldNames) -> list | None:
     tools = record.get(fields.tools)
     if isinstance(tools, str):
         try:
@@ -153,52 +140,64 @@ def normalize_conversation(record: dict, fields: FieldNames | None = None) -> tu
             raise DataError(f"field {fields.tools!r} is not valid JSON", "malformed_json") from None
     if tools is not None and not isinstance(tools, list):
         raise DataError(f"field {fields.tools!r} must be a list of function schemas", "bad_record")
-    out: list[dict] = []
-    for i, msg in enumerate(messages):
-        where = f"message {i}"
-        if not isinstance(msg, dict):
-            raise DataError(f"{where}: a message must be an object", "bad_record")
-        role = msg.get(fields.role)
-        if role is not None and not isinstance(role, str):  # (a missing role is an unknown role, below)
+    return tools
+
+
+def _normalize_message(msg, where: str, fields: FieldNames, previous: list[dict]) -> dict:
+    """One message in canonical form; ``previous`` are the conversation's messages before it, normalized."""
+    if not isinstance(msg, dict):
+        raise DataError(f"{where}: a message must be an object", "bad_record")
+    role = _role(msg, where, fields)
+    content = _text_content(msg.get(fields.content), where, fields.content)
+    norm = {"role": role, "content": content}
+    if role == "assistant":
+        calls = msg.get(fields.tool_calls) or []
+        if not isinstance(calls, list):
+            raise DataError(f"{where}: tool_calls must be a list", "bad_record")
+        if calls:
+            norm["tool_calls"] = [_tool_call(c, where) for c in calls]
+        elif not content.strip():
             raise DataError(
-                f"{where}: field {fields.role!r} must be a string (one of {', '.join(ROLES)}), "
-                f"got {type(role).__name__} {str(role)[:40]}",
-                "bad_record",
+                f"{where}: assistant turn with empty content and no tool_calls",
+                "empty_assistant",
             )
-        role = fields.role_map.get(role, role)
-        if role not in ROLES:
-            raise DataError(
-                f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
-                "unknown_role",
-            )
-        content = _text_content(msg.get(fields.content), where, fields.content)
-        norm = {"role": role, "content": content}
-        if role == "assistant":
-            calls = msg.get(fields.tool_calls) or []
-            if not isinstance(calls, list):
-                raise DataError(f"{where}: tool_calls must be a list", "bad_record")
-            if calls:
-                norm["tool_calls"] = [_tool_call(c, where) for c in calls]
-            elif not content.strip():
-                raise DataError(
-                    f"{where}: assistant turn with empty content and no tool_calls",
-                    "empty_assistant",
-                )
-        elif role == "tool":
-            j = len(out) - 1
-            while j >= 0 and out[j]["role"] == "tool":
-                j -= 1
-            if j < 0 or out[j]["role"] != "assistant" or not out[j].get("tool_calls"):
-                raise DataError(f"{where}: tool message with no preceding tool call", "orphan_tool")
-            call_id = msg.get("tool_call_id")
-            ids = [c["id"] for c in out[j]["tool_calls"] if "id" in c]
-            if isinstance(call_id, str) and ids and call_id not in ids:
-                raise DataError(
-                    f"{where}: tool message answers unknown tool_call_id {call_id!r}",
-                    "orphan_tool",
-                )
-        out.append(norm)
-    return out, tools
+    elif role == "tool":
+        _check_tool_answer(msg, where, previous)
+    return norm
+
+
+def _role(msg: dict, where: str, fields: FieldNames) -> str:
+    role = msg.get(fields.role)
+    if role is not None and not isinstance(role, str):  # (a missing role is an unknown role, below)
+        raise DataError(
+            f"{where}: field {fields.role!r} must be a string (one of {', '.join(ROLES)}), "
+            f"got {type(role).__name__} {str(role)[:40]}",
+            "bad_record",
+        )
+    role = fields.role_map.get(role, role)
+    if role not in ROLES:
+        raise DataError(
+            f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
+            "unknown_role",
+        )
+    return role
+
+
+def _check_tool_answer(msg: dict, where: str, previous: list[dict]) -> None:
+    """A tool message answers the closest assistant turn before it (past other tool messages), which must
+    call tools, and names one of its calls' ids when both carry ids."""
+    j = len(previous) - 1
+    while j >= 0 and previous[j]["role"] == "tool":
+        j -= 1
+    if j < 0 or previous[j]["role"] != "assistant" or not previous[j].get("tool_calls"):
+        raise DataError(f"{where}: tool message with no preceding tool call", "orphan_tool")
+    call_id = msg.get("tool_call_id")
+    ids = [c["id"] for c in previous[j]["tool_calls"] if "id" in c]
+    if isinstance(call_id, str) and ids and call_id not in ids:
+        raise DataError(
+            f"{where}: tool message answers unknown tool_call_id {call_id!r}",
+            "orphan_tool",
+        )
 
 
 # --------------------------------------------------------------------------------------------- renderers

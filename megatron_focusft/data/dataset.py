@@ -6,10 +6,14 @@ Files of a dataset with prefix ``P``:
                                             Megatron *document* per pack, so ``document_indices`` are the pack
                                             boundaries and ``sequence_lengths`` the per-conversation lengths.
 * ``P.loss_mask.bin`` / ``P.loss_mask.idx`` the loss masks (uint8), same structure.
-* ``P.block_ids.bin`` / ``P.block_ids.idx`` block ids (uint16, restarting per conversation).
 * ``P.json``                               metadata: pack length, pad id, tokenizer, preprocessing statistics.
 
-:class:`PackLoader` yields :class:`Batch` es for one data-parallel rank.  The global sample stream is the
+(Format version 1 also stored block ids, ``P.block_ids.*``; they are derivable from the loss masks
+(:mod:`megatron_focusft.masks` owns that rule), so version 2 writes none and a version-1 dataset reads the
+same.)
+
+:class:`PackLoader` yields :class:`~megatron_focusft.data.packed_input.PackedInput` micro-batches (the
+model's packed layout, built with array operations) for one data-parallel rank.  The global sample stream is the
 concatenation of per-epoch permutations of all packs (``numpy.random.default_rng([seed, epoch])``); global
 step ``k`` takes stream positions ``[k * G, (k + 1) * G)`` with ``G = micro_batch_size * dp_size`` and rank
 ``r`` the slice ``[r * mbs, (r + 1) * mbs)`` of it.  So every pack appears exactly once per epoch across
@@ -24,17 +28,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from .chat import Document, blocks_from_loss_mask
-from .packing import Pack, make_pack, round_up
+from .chat import Document
+from .packed_input import PackedInput
+from .packing import round_up
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 LOSS_SUFFIX = ".loss_mask"
-BLOCK_SUFFIX = ".block_ids"
 
 
 def _indexed():
@@ -46,7 +49,7 @@ def _indexed():
 def dataset_files(prefix: str) -> list[str]:
     """All files a packed dataset consists of (the metadata last)."""
     out = []
-    for suffix in ("", LOSS_SUFFIX, BLOCK_SUFFIX):
+    for suffix in ("", LOSS_SUFFIX):
         out += [prefix + suffix + ".bin", prefix + suffix + ".idx"]
     return out + [prefix + ".json"]
 
@@ -97,22 +100,16 @@ def write_packs(prefix: str, docs, bins: list[list[int]], meta: dict) -> None:
         tprefix = os.path.join(tmp, "out")
         tok_b = ix.IndexedDatasetBuilder(tprefix + ".bin", dtype=np.int32)
         loss_b = ix.IndexedDatasetBuilder(tprefix + LOSS_SUFFIX + ".bin", dtype=np.uint8)
-        blk_b = ix.IndexedDatasetBuilder(tprefix + BLOCK_SUFFIX + ".bin", dtype=np.uint16)
         real = 0
         for b in bins:
             items = [docs[i] for i in b]
             items = [(d.input_ids, d.loss_mask) if isinstance(d, Document) else d for d in items]
             lengths = [len(t) for t, _ in items]
-            blocks = [blocks_from_loss_mask(np.asarray(m)) for _, m in items]
-            if max(int(x[-1]) for x in blocks) > np.iinfo(np.uint16).max:
-                raise ValueError("a conversation has more than 65535 context/response blocks")
             tok_b.add_document(np.concatenate([t for t, _ in items]), lengths)
             loss_b.add_document(np.concatenate([m for _, m in items]), lengths)
-            blk_b.add_document(np.concatenate(blocks), lengths)
             real += sum(lengths)
         tok_b.finalize(tprefix + ".idx")
         loss_b.finalize(tprefix + LOSS_SUFFIX + ".idx")
-        blk_b.finalize(tprefix + BLOCK_SUFFIX + ".idx")
         meta = {
             "format": "megatron_focusft.packed",
             "version": FORMAT_VERSION,
@@ -147,19 +144,22 @@ class PackedDataset:
             raise FileNotFoundError(f"{meta_path}: not a packed dataset (missing metadata)")
         with open(meta_path, encoding="utf-8") as f:
             self.meta = json.load(f)
+        version = self.meta.get("version", FORMAT_VERSION)
+        if self.meta.get("format", "megatron_focusft.packed") != "megatron_focusft.packed" or (
+            version not in READABLE_VERSIONS
+        ):
+            raise ValueError(
+                f"{meta_path}: format {self.meta.get('format')!r} version {version!r} is not a packed dataset "
+                f"this version reads (versions {', '.join(map(str, READABLE_VERSIONS))})"
+            )
         ix = _indexed()
         self.prefix = prefix
         self.tokens = ix.IndexedDataset(prefix, mmap=True)
         self.loss = ix.IndexedDataset(prefix + LOSS_SUFFIX, mmap=True)
-        self.blocks = ix.IndexedDataset(prefix + BLOCK_SUFFIX, mmap=True)
         self.pack_bounds = np.asarray(self.tokens.document_indices, dtype=np.int64)
         n_seq = len(self.tokens.sequence_lengths)
-        if (
-            len(self.loss.sequence_lengths) != n_seq
-            or len(self.blocks.sequence_lengths) != n_seq
-            or self.pack_bounds[-1] != n_seq
-        ):
-            raise ValueError(f"{prefix}: token, loss-mask and block files disagree")
+        if len(self.loss.sequence_lengths) != n_seq or self.pack_bounds[-1] != n_seq:
+            raise ValueError(f"{prefix}: token and loss-mask files disagree")
         self.pack_length = int(self.meta["pack_length"])
         self.pad_id = int(self.meta.get("pad_id", 0))
         self._pack_lengths: np.ndarray | None = None
@@ -174,93 +174,25 @@ class PackedDataset:
             self._pack_lengths = cum[self.pack_bounds[1:]] - cum[self.pack_bounds[:-1]]
         return self._pack_lengths
 
-    def documents(self, i: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The (input_ids, loss_mask, block_ids) of every conversation in pack ``i``."""
-        s, e = int(self.pack_bounds[i]), int(self.pack_bounds[i + 1])
-        return list(zip(self.tokens[s:e], self.loss[s:e], self.blocks[s:e]))
+    def documents(self, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The (input_ids, loss_mask) of every conversation in pack ``i``."""
+        s, e = self._bounds(i)
+        return list(zip(self.tokens[s:e], self.loss[s:e]))
 
-    def __getitem__(self, i: int) -> Pack:
-        return self.get(i)
-
-    def get(self, i: int, pad_to: int | None = None) -> Pack:
+    def _bounds(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
-            raise IndexError(i)
-        docs = self.documents(i)
-        return make_pack(
-            [d[0] for d in docs],
-            [d[1] for d in docs],
-            [d[2].astype(np.int32) for d in docs],
-            pad_to=pad_to,
-            pad_id=self.pad_id,
-        )
+            raise IndexError(f"pack {i} of a dataset of {len(self)} packs ({self.prefix})")
+        return int(self.pack_bounds[i]), int(self.pack_bounds[i + 1])
 
-
-@dataclass
-class Batch:
-    """A micro-batch of packs, ``[b, s]`` tensors (torch) in the packed (one row = one pack) layout.
-
-    * ``tokens``, ``position_ids``, ``document_ids`` (-1 on padding), ``block_ids`` (-1 on padding): int64
-    * ``loss_mask``: float32, 1 where the *token* is a response token (what the attention mask rule reads)
-    * ``labels``: int64, ``tokens`` shifted left by one (the next token; ``pad_id`` at the very end)
-    * ``label_mask``: float32, 1 where the loss at position ``t`` counts, i.e. ``labels[t]`` is a response
-      token of the same document: ``loss_mask[t + 1] * (document_ids[t + 1] == document_ids[t])``
-    * ``cu_seqlens``: int32 ``[n + 1]``, segment boundaries of the flattened ``b * s`` tokens (every document
-      and every row's padding is a segment), as Megatron's THD ``PackedSeqParams`` expects; ``max_seqlen``
-    * ``sample_indices``: int64 ``[b]``, the packs' indices in the dataset
-    """
-
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    loss_mask: torch.Tensor
-    label_mask: torch.Tensor
-    position_ids: torch.Tensor
-    document_ids: torch.Tensor
-    block_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    sample_indices: torch.Tensor
-    num_real_tokens: list[int] = field(default_factory=list)
-
-    def to(self, device) -> Batch:
-        moved = {
-            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
-        }
-        return Batch(**moved)
-
-
-def collate(packs: list[Pack], sample_indices, pad_id: int) -> Batch:
-    """Stack equal-length packs into a :class:`Batch`."""
-    s = len(packs[0])
-    if any(len(p) != s for p in packs):
-        raise ValueError("packs of a batch must have equal (padded) lengths")
-
-    def stack(name, dtype):
-        return torch.from_numpy(np.stack([getattr(p, name).astype(dtype) for p in packs]))
-
-    tokens = stack("tokens", np.int64)
-    loss = stack("loss_mask", np.float32)
-    doc = stack("document_ids", np.int64)
-    labels = torch.full_like(tokens, pad_id)
-    labels[:, :-1] = tokens[:, 1:]
-    label_mask = torch.zeros_like(loss)
-    label_mask[:, :-1] = loss[:, 1:] * (doc[:, 1:] == doc[:, :-1]).float()
-    cu = [np.asarray(packs[0].cu_seqlens, dtype=np.int64)]
-    for r, p in enumerate(packs[1:], 1):
-        cu.append(np.asarray(p.cu_seqlens[1:], dtype=np.int64) + r * s)
-    cu_seqlens = torch.from_numpy(np.concatenate(cu).astype(np.int32))
-    return Batch(
-        tokens=tokens,
-        labels=labels,
-        loss_mask=loss,
-        label_mask=label_mask,
-        position_ids=stack("position_ids", np.int64),
-        document_ids=doc,
-        block_ids=stack("block_ids", np.int64),
-        cu_seqlens=cu_seqlens,
-        max_seqlen=int(torch.diff(cu_seqlens).max()) if len(cu_seqlens) > 1 else 0,
-        sample_indices=torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)),
-        num_real_tokens=[p.num_real_tokens for p in packs],
-    )
+    def micro_batch(self, indices: list[int], pad_to: int | None = None) -> PackedInput:
+        """Packs ``indices`` back to back as one packed micro-batch, each padded to ``pad_to`` tokens."""
+        tokens, losses, lengths = [], [], []
+        for i in indices:
+            s, e = self._bounds(i)
+            tokens.append(np.concatenate(self.tokens[s:e]))
+            losses.append(np.concatenate(self.loss[s:e]))
+            lengths.append(self.tokens.sequence_lengths[s:e])
+        return PackedInput.from_packs(tokens, losses, lengths, indices, pad_to=pad_to, pad_id=self.pad_id)
 
 
 class PackLoader:
@@ -329,13 +261,10 @@ class PackLoader:
         start = consumed + self.dp_rank * self.micro_batch_size
         return list(range(start, start + self.micro_batch_size))
 
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "seed": self.seed}
-
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[PackedInput]:
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> PackedInput:
         n = len(self.dataset)
         if self.num_epochs is not None and self.consumed_samples + self.global_batch_size > n * self.num_epochs:
             raise StopIteration
@@ -345,6 +274,5 @@ class PackLoader:
         else:
             longest = max(int(self.dataset.pack_lengths()[i]) for i in indices)
             pad_to = round_up(longest, self.pad_multiple)
-        packs = [self.dataset.get(i, pad_to=pad_to) for i in indices]
         self.consumed_samples += self.global_batch_size
-        return collate(packs, indices, self.dataset.pad_id)
+        return self.dataset.micro_batch(indices, pad_to=pad_to)

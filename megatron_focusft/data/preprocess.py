@@ -7,6 +7,7 @@ documents in a temporary indexed dataset -> best-fit-decreasing on the lengths -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -140,67 +141,21 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     encoder = _make_encoder(cfg)  # fails early on a bad tokenizer folder / options
     total = count_records(cfg.inputs)
     stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)
-    skipped: Counter = Counter()
     out_dir = os.path.dirname(os.path.abspath(cfg.out))
     os.makedirs(out_dir, exist_ok=True)
     stage_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(cfg.out)}.stage-", dir=out_dir)
-    pool = None
-    bar = None
     try:
-        from tqdm import tqdm
-
         stage = DocumentStore(os.path.join(stage_dir, "docs"))
-        chunks = _chunks(iter_records(cfg.inputs), cfg.chunk_size)
-        if cfg.workers > 1:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            pool = mp.get_context("fork").Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
-            results = pool.imap(encode_records, chunks)
-        else:
-            results = (encode_records(c, encoder) for c in chunks)
-        bar = tqdm(total=total, unit="conv", disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
-        for chunk in results:
-            for _location, item in chunk:
-                stats.conversations_read += 1
-                if isinstance(item, Document):
-                    stage.add(item)
-                    stats.conversations_emitted += 1
-                    stats.truncated += int(item.truncated)
-                    stats.tokens += len(item)
-                    stats.response_tokens += item.num_loss_tokens
-                    continue
-                deliberate = item.reason == "too_long" and cfg.overlong in ("drop", "truncate")
-                if cfg.on_error == "fail" and not deliberate:
-                    raise item
-                skipped[item.reason] += 1
-                if len(stats.errors) < MAX_REPORTED_ERRORS:
-                    stats.errors.append(str(item))
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{stats.tokens / max(1e-9, time.perf_counter() - t0):,.0f}", refresh=False)
-        bar.close()
-        bar = None
-        stage.finalize()
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
-        stats.skipped = dict(skipped)
+        with _encoded_chunks(cfg, encoder) as results:
+            _stage_documents(results, stage, stats, cfg, total, t0)
+            stage.finalize()
         if stats.conversations_emitted == 0:
             raise DataError("no conversation left to write (all were skipped)", "empty")
         bins = best_fit_decreasing(np.asarray(stage.lengths), cfg.pack_length)
         stats.packs = len(bins)
         stats.packing_efficiency = packing_efficiency(stats.tokens, len(bins), cfg.pack_length)
         stats.response_fraction = stats.response_tokens / max(1, stats.tokens)
-        meta = {
-            "pack_length": cfg.pack_length,
-            "pad_id": encoder.tokenizer.pad_id,
-            "vocab_size": encoder.tokenizer.vocab_size,
-            "tokenizer": os.path.abspath(cfg.tokenizer),
-            "added_tokens": cfg.added_tokens,
-            "renderer": encoder.renderer.name,
-            "loss_on": cfg.loss_on,
-            "overlong": cfg.overlong,
-            "inputs": [os.path.abspath(p) for p in cfg.inputs],
-        }
+        meta = _pack_metadata(cfg, encoder)
         # The timing goes into OUT.json, so it is taken before the packs are written (that last copy is
         # not counted); the returned stats (--stats-json, the summary) are the very same numbers.
         stats.seconds = time.perf_counter() - t0
@@ -209,12 +164,78 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
         return stats
     finally:
-        if bar is not None:  # on an error: end the bar's line, so the error message starts on its own
-            bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _encoded_chunks(cfg: PreprocessConfig, encoder: ChatEncoder):
+    """The input records encoded chunk by chunk, in order: by ``cfg.workers`` processes, or here with
+    ``encoder``.  The pool is closed after a complete run and terminated on an error."""
+    chunks = _chunks(iter_records(cfg.inputs), cfg.chunk_size)
+    if cfg.workers <= 1:
+        yield (encode_records(c, encoder) for c in chunks)
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    pool = mp.get_context("fork").Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+    try:
+        yield pool.imap(encode_records, chunks)
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+
+
+def _stage_documents(results, stage: DocumentStore, stats: Stats, cfg: PreprocessConfig, total: int, t0: float):
+    """Every encoded document into ``stage``, counted in ``stats`` with the skipped ones and their first
+    errors; under ``on_error="fail"`` the first error (other than a deliberately dropped or truncated
+    overlong conversation) is raised."""
+    from tqdm import tqdm
+
+    skipped: Counter = Counter()
+    bar = tqdm(total=total, unit="conv", disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
+    try:
+        for chunk in results:
+            for _location, item in chunk:
+                _count(item, stage, stats, skipped, cfg)
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{stats.tokens / max(1e-9, time.perf_counter() - t0):,.0f}", refresh=False)
+    finally:
+        bar.close()  # on an error too: end the bar's line, so the error message starts on its own
+    stats.skipped = dict(skipped)
+
+
+def _count(item: Document | DataError, stage: DocumentStore, stats: Stats, skipped: Counter, cfg: PreprocessConfig):
+    stats.conversations_read += 1
+    if isinstance(item, Document):
+        stage.add(item)
+        stats.conversations_emitted += 1
+        stats.truncated += int(item.truncated)
+        stats.tokens += len(item)
+        stats.response_tokens += item.num_loss_tokens
+        return
+    deliberate = item.reason == "too_long" and cfg.overlong in ("drop", "truncate")
+    if cfg.on_error == "fail" and not deliberate:
+        raise item
+    skipped[item.reason] += 1
+    if len(stats.errors) < MAX_REPORTED_ERRORS:
+        stats.errors.append(str(item))
+
+
+def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder) -> dict:
+    """What OUT.json records of how the packs were made (the stats are added to it)."""
+    return {
+        "pack_length": cfg.pack_length,
+        "pad_id": encoder.tokenizer.pad_id,
+        "vocab_size": encoder.tokenizer.vocab_size,
+        "tokenizer": os.path.abspath(cfg.tokenizer),
+        "added_tokens": cfg.added_tokens,
+        "renderer": encoder.renderer.name,
+        "loss_on": cfg.loss_on,
+        "overlong": cfg.overlong,
+        "inputs": [os.path.abspath(p) for p in cfg.inputs],
+    }
 
 
 def write_stats_json(path: str, stats: Stats) -> None:

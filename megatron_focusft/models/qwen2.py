@@ -320,9 +320,12 @@ def build_gpt_model(
     spec: TransformerBlockSubmodules | ModuleSpec,
     max_sequence_length: int | None = None,
     parallel_output: bool = True,
+    model_class: type[GPTModel] = GPTModel,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> GPTModel:
-    """The ``GPTModel`` for ``arch``: RoPE (base from the arch), tied or untied output layer."""
-    return GPTModel(
+    """The ``GPTModel`` (or ``model_class``, a subclass taking ``model_kwargs`` too) for ``arch``: RoPE (base
+    from the arch), tied or untied output layer."""
+    return model_class(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=arch.padded_vocab_size,
@@ -331,6 +334,7 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta),
         parallel_output=parallel_output,
+        **(model_kwargs or {}),
     )
 
 
@@ -342,6 +346,8 @@ def build_model(
     sequence_parallel: bool = False,
     perform_initialization: bool = True,
     mlp_linears_for_layer: Callable[[int], tuple[type | ModuleSpec, type | ModuleSpec]] | None = None,
+    model_class: type[GPTModel] = GPTModel,
+    model_kwargs: Mapping[str, Any] | None = None,
     **config_overrides: Any,
 ) -> GPTModel:
     """The Qwen2 ``GPTModel`` for the tensor-parallel group Megatron's parallel state holds.
@@ -350,7 +356,8 @@ def build_model(
     global tensors from the same seed and TP=2 computes exactly what TP=1 does (callers move the model
     to the GPU); ``perform_initialization``
     False skips the random draws when a checkpoint is about to overwrite them.
-    ``mlp_linears_for_layer(i)`` gives layer i's (fc1, fc2) classes, e.g. fast-weight linears on top layers.
+    ``mlp_linears_for_layer(i)`` gives layer i's (fc1, fc2) classes, e.g. fast-weight linears on top layers;
+    ``model_class``/``model_kwargs`` a ``GPTModel`` subclass (``models.focusft.FocuSFTModel``).
     """
     from megatron.core import parallel_state
 
@@ -369,7 +376,9 @@ def build_model(
         fc1, fc2 = mlp_linears_for_layer(i) if mlp_linears_for_layer else (ColumnParallelLinear, RowParallelLinear)
         return layer_spec(core_attention, fc1, fc2)
 
-    model = build_gpt_model(arch, config, block_spec(config, spec_for))
+    model = build_gpt_model(
+        arch, config, block_spec(config, spec_for), model_class=model_class, model_kwargs=model_kwargs
+    )
     if not perform_initialization:
         _mark_tensor_parallel_parameters(model)
     return model

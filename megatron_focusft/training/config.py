@@ -14,7 +14,7 @@ import torch
 
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.runtime import Device, ParallelLayout
-from megatron_focusft.training.optimizer import DecayStyle, Optimizer
+from megatron_focusft.training.optimizer import OptimizationConfig
 
 
 @dataclass(frozen=True)
@@ -34,21 +34,6 @@ class DataConfig:
     valid_data_path: str | None = None
     seq_length: int | None = None  # pack length (None: the data's)
     eval_interval: int | None = None  # the validation loss every N iterations (and at the end)
-
-
-@dataclass(frozen=True)
-class OptimizationConfig:
-    """The optimizer and its learning-rate schedule (Megatron's ``OptimizerParamScheduler``)."""
-
-    optimizer: Optimizer = "adam"
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_warmup_fraction: float = 0.1
-    lr_decay_style: DecayStyle = "cosine"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    clip_grad: float = 1.0  # global grad-norm clip (0: off)
 
 
 @dataclass(frozen=True)

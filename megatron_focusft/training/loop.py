@@ -29,17 +29,15 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_focusft import runtime
-from megatron_focusft.attention import core_attention_class
-from megatron_focusft.benchmark import peak_tflops, sft_flops
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model
-from megatron_focusft.data.dataset import PackedDataset, PackLoader, collate
+from megatron_focusft.data.dataset import PackedDataset, PackLoader
 from megatron_focusft.data.packing import pad_multiple, round_up
-from megatron_focusft.fast_weights import FastWeightSlot, fast_weight_linears
-from megatron_focusft.models.qwen2 import Qwen2Arch, build_model
-from megatron_focusft.packed_input import PackedInput
+from megatron_focusft.flops import peak_tflops, sft_flops
+from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
+from megatron_focusft.models.qwen2 import Qwen2Arch
 from megatron_focusft.training.arguments import parse_args
 from megatron_focusft.training.checkpoint import RunIdentity, TrainState, load_checkpoint, save_checkpoint
 from megatron_focusft.training.config import TrainConfig
@@ -57,7 +55,7 @@ class Trainer:
     arch: Qwen2Arch
     meta: CheckpointMeta
     config: FocuSFTConfig
-    model: torch.nn.Module  # the GPTModel (DDP's hooks live on its parameters)
+    model: FocuSFTModel  # DDP's hooks live on its parameters
     ddp: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
@@ -85,7 +83,7 @@ def setup(plan: TrainPlan) -> Trainer:
             f"{cfg.model.pretrained_checkpoint}"
         )
     arch = plan.meta.arch
-    model, slot = _build_model(plan, device)
+    model = _build_model(plan, device)
     ddp = _wrap_ddp(model, cfg.model.device)
     optimizer = build_optimizer(model, ddp, cfg.optimization, device=cfg.model.device, bf16=cfg.model.bf16)
     scheduler = _build_scheduler(optimizer, plan.schedule)
@@ -102,7 +100,7 @@ def setup(plan: TrainPlan) -> Trainer:
         ddp=ddp,
         optimizer=optimizer,
         scheduler=scheduler,
-        step=BilevelStep(model, cfg.focusft, slot, arch.vocab_size),
+        step=BilevelStep(model, cfg.focusft),
         loader=loader,
         state=state,
         train_iters=plan.schedule.train_iters,
@@ -115,22 +113,19 @@ def setup(plan: TrainPlan) -> Trainer:
     )
 
 
-def _build_model(plan: TrainPlan, device: torch.device) -> tuple[torch.nn.Module, FastWeightSlot]:
-    """The GPTModel with its fast-weight linears, holding the weights of ``plan.source`` (loaded here, once)."""
+def _build_model(plan: TrainPlan, device: torch.device) -> FocuSFTModel:
+    """The FocuSFT model holding the weights of ``plan.source`` (loaded here, once)."""
     cfg = plan.config
-    slot = FastWeightSlot()
-    arch = plan.meta.arch
-    model = build_model(
-        arch,
-        core_attention_class(cfg.focusft.attention_backend),
+    model = build_focusft_model(
+        plan.meta.arch,
+        cfg.focusft,
         params_dtype=cfg.model.dtype,
         sequence_parallel=cfg.parallel.sequence_parallel,
         perform_initialization=False,
-        mlp_linears_for_layer=fast_weight_linears(slot, cfg.focusft.fast_layers(arch.num_layers), cfg.focusft.targets),
         calculate_per_token_loss=True,  # DDP sums gradients; the loop normalises by the global batch
     ).to(device)
     load_model(model, plan.source)
-    return model, slot
+    return model
 
 
 def _wrap_ddp(model: torch.nn.Module, device: str) -> DistributedDataParallel:
@@ -201,10 +196,10 @@ def _stable_tokenizer_dir(source: Path, save: Path | None) -> Path | None:
 
 def train_step(t: Trainer) -> dict[str, float]:
     """One global batch: every micro-batch through the bilevel step, then sync, clip and update."""
-    inputs = [PackedInput.from_batch(next(t.loader)).to(t.device) for _ in range(t.micro_batches)]
+    inputs = [next(t.loader).to(t.device) for _ in range(t.micro_batches)]
     # The normaliser of the whole global batch, known before the first backward.
     per_sample = t.config.loss_reduction == "sample"
-    local = sum(len(inp.document_keys) if per_sample else int(inp.label_mask.sum()) for inp in inputs)
+    local = sum(inp.num_documents if per_sample else inp.num_response_tokens for inp in inputs)
     # [normaliser, outer loss sum, inner loss before, inner loss after, documents, tokens, flops]
     counts = torch.zeros(7, dtype=torch.float64, device=t.device)
     counts[0] = float(local)
@@ -223,8 +218,8 @@ def train_step(t: Trainer) -> dict[str, float]:
         if stats.inner_losses:
             counts[2] += float(stats.inner_losses[0].sum())  # before adaptation, summed over documents
             counts[3] += float(stats.document_losses.sum())  # after (the outer pass), summed over documents
-            counts[4] += stats.num_documents
-        counts[5] += float((inp.document_ids >= 0).sum())
+            counts[4] += inp.num_documents
+        counts[5] += inp.num_tokens
         counts[6] += sft_flops(t.arch, inp)  # one replica's (every TP/CP rank of it counts the same packs)
     finalize_model_grads([t.ddp])
     updated, grad_norm, _ = t.optimizer.step()
@@ -262,10 +257,10 @@ def evaluate(t: Trainer) -> float:
     per_sample = t.config.loss_reduction == "sample"
     sums = torch.zeros(2, dtype=torch.float64, device=t.device)  # loss sum, documents or tokens
     for i in range(dp_rank, len(t.valid), dp):
-        inp = PackedInput.from_batch(collate([t.valid.get(i, pad_to=length)], [i], t.valid.pad_id)).to(t.device)
+        inp = t.valid.micro_batch([i], pad_to=length).to(t.device)
         stats = t.step.evaluate(inp)
         sums[0] += float(stats.outer_loss_sum)
-        sums[1] += stats.num_documents if per_sample else stats.num_response_tokens
+        sums[1] += inp.num_documents if per_sample else inp.num_response_tokens
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     return float(sums[0] / sums[1])
 

@@ -9,21 +9,34 @@ expose ``param_groups`` so that Megatron's ``OptimizerParamScheduler`` drives th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-if TYPE_CHECKING:
-    from megatron_focusft.training.config import OptimizationConfig
-
 Optimizer = Literal["adam", "sgd"]  # adam: AdamW (decoupled weight decay); sgd: plain SGD, no momentum
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 DecayStyle = Literal["cosine", "linear", "constant"]  # Megatron's OptimizerParamScheduler styles used here
 DECAY_STYLES: tuple[str, ...] = get_args(DecayStyle)
+
+
+@dataclass(frozen=True)
+class OptimizationConfig:
+    """The optimizer and its learning-rate schedule (Megatron's ``OptimizerParamScheduler``)."""
+
+    optimizer: Optimizer = "adam"
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_warmup_fraction: float = 0.1
+    lr_decay_style: DecayStyle = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0  # global grad-norm clip (0: off)
 
 
 def _param_groups(model: torch.nn.Module) -> list[dict]:

@@ -18,6 +18,7 @@ import random
 import re
 from pathlib import Path
 
+from megatron_focusft.analysis.prompts import prompt_ids
 from megatron_focusft.analysis.tasks import babilong, ruler
 from megatron_focusft.analysis.tasks.haystack import fit_length, insert_at_depths, make_haystack
 from megatron_focusft.analysis.tasks.scoring import babilong_match, score_sample, string_match_all
@@ -56,8 +57,6 @@ def generate_sample(
 ) -> dict:
     """Sample ``index`` of ``task`` at ``length`` tokens (the same for the same arguments, always): the chat
     prompt plus ``max_new_tokens`` (default: the task's budget) fill at most ``length`` positions."""
-    from megatron_focusft.analysis.evaluate import prompt_ids
-
     check_task(task)
     rng = random.Random(f"{seed}|{task}|{length}|{index}")
     take = make_haystack(haystack, rng.randrange(1 << 30))
