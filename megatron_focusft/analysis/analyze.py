@@ -55,7 +55,7 @@ def load_samples(data: str, tokenizer, limit: int | None = None, max_length: int
 
         ds = PackedDataset(data)
         for i in range(len(ds)):
-            for j, (ids, lm, _) in enumerate(ds.documents(i)):
+            for j, (ids, lm) in enumerate(ds.documents(i)):
                 ids, lm = np.array(ids), np.array(lm)  # copies: the memory map closes with the dataset
                 if lm.any():
                     samples.append(Sample(ids, lm, token_roles(ids, tokenizer), f"pack {i} doc {j}"))
