@@ -33,6 +33,7 @@ from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model
+from megatron_focusft.convert.writer_process import prepare_checkpoint_writer
 from megatron_focusft.data.dataset import PackedDataset, PackLoader
 from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.flops import peak_tflops, sft_flops
@@ -76,6 +77,8 @@ def setup(plan: TrainPlan) -> Trainer:
     (weights loaded once), DDP, optimizer, scheduler, the resumed training state, the data loader."""
     cfg = plan.config
     runtime.initialize(cfg.model.device, cfg.parallel, seed=cfg.batch.seed)
+    if cfg.checkpoints.save is not None:
+        prepare_checkpoint_writer()  # now, not at the first save: a pre-emption signal can come at any time
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.model.device == "cuda" else torch.device("cpu")
     if cfg.checkpoints.load is not None and plan.resume is None and dist.get_rank() == 0:
         print(
