@@ -165,3 +165,81 @@ def test_a_killed_rank_leaves_no_checkpoint_writer_process_behind(setup_files, t
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
     assert _group_gone(procs[0].pid) and _group_gone(procs[1].pid)
+
+
+def _single(argv: list[str], **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-u", *argv], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def test_one_run_per_save_folder(setup_files, tmp_path):
+    """A second run on a save folder in use exits at once (2) naming the folder and the holder; once the
+    holder is dead (even by kill -9) the folder is free again."""
+    ckpt, data = setup_files
+    save = tmp_path / "ckpt"
+    first = _single(_train_argv(ckpt, data, save))
+    try:
+        _read_until(first, "step 1/")
+        started = time.time()
+        second = subprocess.run(
+            [sys.executable, *_train_argv(ckpt, data, save, "--train-iters", "1")],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"--save {save} is in use by another run (pid {first.pid} on " in errors[0]
+        assert time.time() - started < 60
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    third = subprocess.run(
+        [sys.executable, *_train_argv(ckpt, data, save, "--train-iters", "1")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert third.returncode == 0, third.stdout + third.stderr
+
+
+def _run_to_end(argv: list[str]) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, *argv], env=_env(), capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _saved_iterations(save: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in save.glob("iter_*"))
+
+
+def test_a_run_that_blows_up_stops_and_saves_nothing_after_the_last_good_step(setup_files, tmp_path):
+    """Weights pushed to inf (SGD at lr 1e30): every later loss and gradient norm is NaN, the optimizer skips
+    the updates, and three such steps in a row stop the run (exit 1) without a checkpoint after the last good
+    one."""
+    ckpt, data = setup_files
+    save = tmp_path / "ckpt"
+    lr = ["--optimizer", "sgd", "--lr", "1e30", "--lr-warmup-fraction", "0", "--lr-decay-style", "constant"]
+    status, out = _run_to_end(_train_argv(ckpt, data, save, "--train-iters", "40", "--clip-grad", "0", *lr))
+    assert status == 1, out
+    assert "3 steps in a row, training stopped" in out and "non-finite loss" in out, out
+    assert _saved_iterations(save) == [], out  # no periodic save: nothing at all was written
+    stopped = int(out.split("non-finite loss")[-2].rsplit("iteration ", 1)[1].split(":")[0])
+    assert stopped < 40
+
+
+def test_loss_spikes_are_reported_and_stop_the_run_with_the_flag(setup_files, tmp_path):
+    """Adam at lr 1e3 (the issue's run): the loss jumps far above its running mean and the model collapses.
+    Reported in the log; with --check-for-spiky-loss the run stops there (exit 1), the periodic checkpoints
+    before the spike kept and none written after."""
+    ckpt, data = setup_files
+    lr = ["--lr", "1e3", "--lr-warmup-fraction", "0", "--lr-decay-style", "constant", "--train-iters", "6"]
+    status, out = _run_to_end(_train_argv(ckpt, data, tmp_path / "warned", *lr))
+    assert status == 0 and "warning: loss spike at iteration 2" in out and "warning: zero gradient norm" in out, out
+    save = tmp_path / "stopped"
+    status, out = _run_to_end(_train_argv(ckpt, data, save, *lr, "--save-interval", "1", "--check-for-spiky-loss"))
+    assert status == 1 and "training stopped (--check-for-spiky-loss)" in out, out
+    stopped = int(out.split("error: ")[-1].split("iteration ")[1].split()[0].rstrip(":"))
+    assert _saved_iterations(save) and max(_saved_iterations(save)) < stopped, out
