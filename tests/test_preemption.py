@@ -98,20 +98,37 @@ def test_sigterm_to_a_torchrun_process_group_saves_at_the_stop(setup_files, tmp_
     assert _group_gone(proc.pid), "a process of the launch outlived it"
 
 
+def _slurm_task_wrapper() -> list[str]:
+    """The per-task command prefix ``examples/run_focusft_qwen7b.sh`` gives srun (``bash -c WRAPPER NAME``: it
+    derives RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and execs the worker)."""
+    import shlex
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="1", SLURM_NNODES="1", MASTER_ADDR="127.0.0.1", DRY_RUN="1", PYTHON=sys.executable)
+    env.update(GPUS_PER_NODE="2", GLOBAL_BATCH="2", TP="1")
+    dry = subprocess.run(
+        ["bash", str(ROOT / "examples" / "run_focusft_qwen7b.sh")], env=env, capture_output=True, text=True
+    )
+    assert dry.returncode == 0, dry.stderr
+    argv = shlex.split(next(line for line in dry.stdout.splitlines() if line.startswith("srun ")))
+    return argv[argv.index("bash") : argv.index("-u") - 1]
+
+
 def test_sigterm_to_the_slurm_launch_group_saves_at_the_stop(setup_files, tmp_path):
-    """The SLURM script's form: one plain worker process per task (no torchrun), all in the job step's
-    process group, which ``scancel`` / the time limit signal at once."""
+    """The SLURM script's form: one worker per task through the script's own task wrapper (no torchrun), all
+    in the job step's process group, which ``scancel`` and the time limit signal at once."""
     ckpt, data = setup_files
     save = tmp_path / "ckpt"
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(runtime._free_port()), "WORLD_SIZE": "2"}
+    task = _slurm_task_wrapper()
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(runtime._free_port()), "SLURM_NTASKS": "2"}
     argv = _train_argv(ckpt, data, save, "--save-interval", "1")
     procs = []
     for rank in range(2):
-        group = 0 if rank == 0 else procs[0].pid  # rank 0 leads a new group; rank 1 joins it
+        group = 0 if rank == 0 else procs[0].pid  # task 0 leads a new group; task 1 joins it
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-u", *argv],
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                [*task, sys.executable, "-u", *argv],
+                env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
