@@ -38,6 +38,7 @@ from megatron_focusft.convert.layout import (
     tp_shard,
     tp_unshard,
 )
+from megatron_focusft.convert.writer_process import prepare_checkpoint_writer
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model, hf_token_ids, tp_partition_dim
 
 META_FILE = "focusft_checkpoint.json"
@@ -146,6 +147,7 @@ def _barrier() -> None:
 def save_model(model: GPTModel, ckpt_dir: Path, meta: CheckpointMeta) -> None:
     """Write ``model`` (every rank's shards) and the metadata into ``ckpt_dir`` (collective)."""
     (ckpt_dir / "model").mkdir(parents=True, exist_ok=True)
+    prepare_checkpoint_writer()
     _barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir / "model"))
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -23,6 +23,7 @@ from megatron_focusft.training.config import (
     OptimizationConfig,
     TrainConfig,
 )
+from megatron_focusft.training.divergence import DivergenceConfig
 from megatron_focusft.training.errors import SetupError
 from megatron_focusft.training.optimizer import DECAY_STYLES, OPTIMIZERS
 
@@ -32,6 +33,7 @@ class ArgumentError(SetupError):
 
 
 _OPT, _BATCH, _CKPT, _LOG = OptimizationConfig(), BatchConfig(), CheckpointConfig(), LoggingConfig()
+_CHECKS = DivergenceConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +112,19 @@ def _add_checkpoints_and_logs(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--tensorboard-dir", type=Path, default=None)
     g.add_argument("--wandb-project", type=str, default=None)
     flags.add_progress_flag(g)
+    g.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=_CHECKS.max_nonfinite_steps,
+        help="stop (exit 1, nothing saved) after this many steps in a row with a non-finite loss or gradient norm "
+        "(0: never)",
+    )
+    g.add_argument(
+        "--check-for-spiky-loss",
+        action="store_true",
+        help=f"stop also on a loss spike (over {_CHECKS.spike_factor:g}x the running mean) or a zero gradient norm "
+        "(without it they are reported in the log)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -146,6 +161,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
         batch=BatchConfig(a.micro_batch_size, a.global_batch_size, a.epochs, a.train_iters, a.seed),
         checkpoints=CheckpointConfig(a.load, a.save, a.save_interval, a.exit_interval, a.keep_checkpoints, a.export_hf),
         logging=LoggingConfig(a.log_interval, a.tensorboard_dir, a.wandb_project, progress=not a.no_progress),
+        checks=DivergenceConfig(max_nonfinite_steps=a.max_nonfinite_steps, stop_on_anomaly=a.check_for_spiky_loss),
     )
 
 

@@ -14,6 +14,7 @@ import torch
 
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.runtime import Device, ParallelLayout
+from megatron_focusft.training.divergence import DivergenceConfig
 from megatron_focusft.training.optimizer import OptimizationConfig
 
 
@@ -78,6 +79,7 @@ class TrainConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checks: DivergenceConfig = field(default_factory=DivergenceConfig)
 
     def to_dict(self) -> dict:
         """Every setting, nested by group (e.g. the W&B run config)."""

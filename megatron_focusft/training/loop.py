@@ -33,6 +33,7 @@ from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model
+from megatron_focusft.convert.writer_process import prepare_checkpoint_writer
 from megatron_focusft.data.dataset import PackedDataset, PackLoader
 from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.flops import peak_tflops, sft_flops
@@ -41,10 +42,12 @@ from megatron_focusft.models.qwen2 import Qwen2Arch
 from megatron_focusft.training.arguments import parse_args
 from megatron_focusft.training.checkpoint import RunIdentity, TrainState, load_checkpoint, save_checkpoint
 from megatron_focusft.training.config import TrainConfig
+from megatron_focusft.training.divergence import DivergenceMonitor
 from megatron_focusft.training.errors import SetupError
 from megatron_focusft.training.logger import MetricsLogger
 from megatron_focusft.training.optimizer import build_optimizer
 from megatron_focusft.training.plan import Schedule, TrainPlan, plan
+from megatron_focusft.training.save_lock import SaveFolderBusy, SaveFolderLock
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Trainer:
     run: RunIdentity  # seed, global batch size, pack count: stored in checkpoints, checked on resume
     valid: PackedDataset | None = None
     last_saved: int | None = None  # the iteration of the checkpoint written (or resumed from) last
+    save_lock: SaveFolderLock | None = None  # rank 0's, on --save, for the life of the run
 
 
 def setup(plan: TrainPlan) -> Trainer:
@@ -76,6 +80,9 @@ def setup(plan: TrainPlan) -> Trainer:
     (weights loaded once), DDP, optimizer, scheduler, the resumed training state, the data loader."""
     cfg = plan.config
     runtime.initialize(cfg.model.device, cfg.parallel, seed=cfg.batch.seed)
+    save_lock = _lock_save_folder(cfg.checkpoints.save)
+    if cfg.checkpoints.save is not None:
+        prepare_checkpoint_writer()  # now, not at the first save: a pre-emption signal can come at any time
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.model.device == "cuda" else torch.device("cpu")
     if cfg.checkpoints.load is not None and plan.resume is None and dist.get_rank() == 0:
         print(
@@ -110,7 +117,24 @@ def setup(plan: TrainPlan) -> Trainer:
         run=plan.run,
         valid=plan.valid_data,
         last_saved=state.iteration if plan.resume else None,
+        save_lock=save_lock,
     )
+
+
+def _lock_save_folder(save: Path | None) -> SaveFolderLock | None:
+    """Rank 0 locks ``--save`` (collective: every rank learns whether it could, and a busy folder is the
+    same one-line error on every rank)."""
+    lock, message = None, [None]
+    if save is not None and dist.get_rank() == 0:
+        try:
+            lock = SaveFolderLock(Path(save))
+        except SaveFolderBusy as e:
+            message = [str(e)]
+    if save is not None:
+        dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise SetupError(message[0])
+    return lock
 
 
 def _build_model(plan: TrainPlan, device: torch.device) -> FocuSFTModel:
@@ -233,6 +257,7 @@ def train_step(t: Trainer) -> dict[str, float]:
     out = {
         "loss": float(counts[1] / counts[0]),
         "grad_norm": float(grad_norm if grad_norm is not None else 0.0),
+        "grad_norm_measured": grad_norm is not None,
         "tokens": float(counts[5]),
         "flops": float(counts[6]),
         "skipped": not updated,
@@ -319,60 +344,80 @@ def train(config: TrainConfig) -> int:
     """Plan, set up and run training to ``train_iters``; returns the process exit status."""
     stop = _StopSignal()  # before the (long) set-up: a signal then costs one step, not the process
     t = setup(plan(config))
-    ckpt, eval_interval = config.checkpoints, config.data.eval_interval
     peak = peak_tflops(torch.cuda.get_device_name(), t.meta.dtype) if config.model.device == "cuda" else None
     logger = MetricsLogger(
         config.logging,
         t.train_iters,
         start_iteration=t.state.iteration,
         peak_tflops=peak,
-        save_dir=ckpt.save,
+        save_dir=config.checkpoints.save,
         run_config=config.to_dict(),
     )
-
-    def finish(status: int) -> int:
+    try:
+        return _run(t, logger, stop)
+    finally:
         logger.close()
+        if t.save_lock is not None:
+            t.save_lock.release()
         runtime.destroy()
-        return status
 
-    def save() -> bool:
-        if _save(t):
-            return True
-        logger.message(
-            f"error: a weight is not finite at iteration {t.state.iteration}; no checkpoint written, training "
-            "stopped (resume from the last checkpoint with a lower --lr or a --clip-grad)"
-        )
-        return False
 
+def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal) -> int:
+    """The loop, top to bottom: step, log, validate, check for divergence, save, stop; then finish."""
+    cfg = t.train_config
+    ckpt, eval_interval = cfg.checkpoints, cfg.data.eval_interval
+    monitor = DivergenceMonitor(cfg.checks)
     finished_before = t.state.iteration >= t.train_iters
     while t.state.iteration < t.train_iters:
         start = time.perf_counter()
         metrics = train_step(t)
         logger.log(t.state, metrics, time.perf_counter() - start)
+        verdict = monitor.observe(
+            t.state.iteration,
+            metrics["loss"],
+            metrics["grad_norm"] if metrics["grad_norm_measured"] else None,
+            metrics["tokens"],
+        )
+        if verdict.report is not None:
+            logger.message(verdict.report)
+        if verdict.stop is not None:
+            logger.message(f"error: {verdict.stop}")
+            return 1  # nothing saved: the last checkpoint is the last good one
         if t.valid is not None and eval_interval and t.state.iteration % eval_interval == 0:
             logger.log_validation(t.state.iteration, evaluate(t))
-        if ckpt.save_interval and t.state.iteration % ckpt.save_interval == 0 and not save():
-            return finish(1)
+        if ckpt.save_interval and t.state.iteration % ckpt.save_interval == 0 and not _save_or_say(t, logger):
+            return 1
         unfinished = t.state.iteration < t.train_iters
         at_exit_interval = bool(ckpt.exit_interval) and unfinished and t.state.iteration % ckpt.exit_interval == 0
         if stop.any_rank(t.device) or at_exit_interval:
-            if not save():
-                return finish(1)
+            if not _save_or_say(t, logger):
+                return 1
             why = "--exit-interval" if at_exit_interval else "a signal"
             saved = "; checkpoint saved" if ckpt.save is not None else " (no --save: nothing saved)"
             logger.message(f"stopped by {why} at iteration {t.state.iteration}{saved}")
-            return finish(0)
+            return 0
     if t.valid is not None and not (eval_interval and t.state.iteration % eval_interval == 0):
         logger.log_validation(t.state.iteration, evaluate(t))  # at the end (unless that step just did)
-    if not save():
-        return finish(1)
+    if not _save_or_say(t, logger):
+        return 1
     if ckpt.export_hf is not None:
         if finished_before and Path(ckpt.export_hf).exists():
             logger.message(f"the run was already finished and {ckpt.export_hf} exists: export skipped")
         else:
             export_hf(t.model, t.arch, t.meta.dtype, ckpt.export_hf, t.tokenizer_dir, token_ids=t.meta.token_ids)
             logger.message(f"exported the model to {ckpt.export_hf}")
-    return finish(0)
+    return 0
+
+
+def _save_or_say(t: Trainer, logger: MetricsLogger) -> bool:
+    """Save this iteration; False (and the reason logged) where a weight is not finite."""
+    if _save(t):
+        return True
+    logger.message(
+        f"error: a weight is not finite at iteration {t.state.iteration}; no checkpoint written, training "
+        "stopped (resume from the last checkpoint with a lower --lr or a --clip-grad)"
+    )
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,6 +193,8 @@ def _check_flags(config: TrainConfig) -> None:
     for flag, value in (("--eval-interval", config.data.eval_interval), ("--save-interval", ckpt.save_interval)):
         if value is not None and value < 1:
             raise SetupError(f"{flag} {value} must be at least 1")
+    if config.checks.max_nonfinite_steps < 0:
+        raise SetupError(f"--max-nonfinite-steps {config.checks.max_nonfinite_steps} must be >= 0 (0: never stop)")
 
 
 def _check_seq_length(seq_length: int | None, headers: dict[str, tuple[str, dict]]) -> None:
