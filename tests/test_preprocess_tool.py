@@ -305,3 +305,22 @@ def test_cli_error_starts_its_own_line_after_the_progress_bar(tmp_path):
     assert any(line.startswith("error: in.jsonl:13: message 0: unknown role 'robot'") for line in lines), lines
     assert lines[-1] == "nothing was written"
     assert os.listdir(tmp_path / "o") == []
+
+
+def test_all_skipped_error_lists_each_reason_with_count_and_first_location(tmp_path, capsys):
+    """Every record skipped: the error names each reason, how many it skipped and where the first one is."""
+    long = json.dumps({"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "a"}]})
+    write_jsonl(tmp_path / "in.jsonl", [], [long, BAD_LINES[0], long, BAD_LINES[1], BAD_LINES[0], BAD_LINES[0]])
+    rc, out, stats = run(tmp_path)
+    assert rc == 1 and stats is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2] == (
+        "error: no conversation left to write: all 6 were skipped (malformed_json: 3, first at in.jsonl:2; "
+        "too_long: 2, first at in.jsonl:1; unknown_role: 1, first at in.jsonl:4)"
+    ), err
+    assert err[-1] == "nothing was written"
+    assert os.listdir(out.parent) == []
+    (tmp_path / "in.jsonl").write_text("\n\n")
+    rc, _, _ = run(tmp_path)
+    assert rc == 1
+    assert "error: no conversation left to write (the inputs hold no records)" in capsys.readouterr().err

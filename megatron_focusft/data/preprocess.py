@@ -51,6 +51,7 @@ class Stats:
     conversations_read: int = 0
     conversations_emitted: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count
+    first_skipped: dict = field(default_factory=dict)  # reason -> location of its first skipped record
     errors: list = field(default_factory=list)  # the first messages, "file:line: ..."
     truncated: int = 0
     tokens: int = 0
@@ -150,7 +151,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
             _stage_documents(results, stage, stats, cfg, total, t0)
             stage.finalize()
         if stats.conversations_emitted == 0:
-            raise DataError("no conversation left to write (all were skipped)", "empty")
+            raise DataError(_nothing_left(stats), "empty")
         bins = best_fit_decreasing(np.asarray(stage.lengths), cfg.pack_length)
         stats.packs = len(bins)
         stats.packing_efficiency = packing_efficiency(stats.tokens, len(bins), cfg.pack_length)
@@ -219,8 +220,20 @@ def _count(item: Document | DataError, stage: DocumentStore, stats: Stats, skipp
     if cfg.on_error == "fail" and not deliberate:
         raise item
     skipped[item.reason] += 1
+    stats.first_skipped.setdefault(item.reason, item.location)
     if len(stats.errors) < MAX_REPORTED_ERRORS:
         stats.errors.append(str(item))
+
+
+def _nothing_left(stats: Stats) -> str:
+    """Why there is nothing to write: every skip reason with its count and the first record it skipped."""
+    if stats.conversations_read == 0:
+        return "no conversation left to write (the inputs hold no records)"
+    reasons = "; ".join(
+        f"{reason}: {count}, first at {stats.first_skipped.get(reason) or '?'}"
+        for reason, count in sorted(stats.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    return f"no conversation left to write: all {stats.conversations_read} were skipped ({reasons})"
 
 
 def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder) -> dict:
