@@ -324,3 +324,47 @@ def test_all_skipped_error_lists_each_reason_with_count_and_first_location(tmp_p
     rc, _, _ = run(tmp_path)
     assert rc == 1
     assert "error: no conversation left to write (the inputs hold no records)" in capsys.readouterr().err
+
+
+CORRUPT_TOKENIZERS = {
+    # name: (files written into the folder, the file the error must name)
+    "tokenizer.json truncated": ({"tokenizer.json": lambda b: b[: len(b) // 2]}, "tokenizer.json"),
+    "tokenizer.json bytes flipped": ({"tokenizer.json": lambda b: b[:5000] + b"\xff\xfe" + b[5002:]}, "tokenizer.json"),
+    "tokenizer.json not an object": ({"tokenizer.json": lambda b: b"[1, 2, 3]"}, "tokenizer.json"),
+    "vocab.json truncated": ({"vocab.json": lambda b: b[: len(b) // 3], "merges.txt": None}, "vocab.json"),
+    "merges.txt garbage": ({"vocab.json": None, "merges.txt": lambda b: b[:100000] + b"\nzzqx qqzx\n"}, "merges.txt"),
+    "tokenizer_config.json truncated": (
+        {"tokenizer.json": None, "tokenizer_config.json": lambda b: b'{"chat_template": "{% for m in'},
+        "tokenizer_config.json",
+    ),
+    "chat template does not compile": (
+        {"tokenizer.json": None, "chat_template.jinja": lambda b: b"{% for m in messages %}{{ m.content }"},
+        "chat_template.jinja",
+    ),
+    "chat_template.jinja not UTF-8": (
+        {"tokenizer.json": None, "chat_template.jinja": lambda b: b"{{ messages }}\xff\xfe"},
+        "chat_template.jinja",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_TOKENIZERS))
+def test_corrupt_tokenizer_file_is_one_line_error_naming_it(tmp_path, capsys, case):
+    """A truncated or corrupt file of the --tokenizer folder: exit 1, one error line naming the file, no
+    traceback, nothing written."""
+    files, named = CORRUPT_TOKENIZERS[case]
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name, corrupt in files.items():
+        src = os.path.join(QWEN2_DIR, name)
+        original = open(src, "rb").read() if os.path.exists(src) else b""
+        (folder / name).write_bytes(original if corrupt is None else corrupt(original))
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(folder), "--out", str(tmp_path / "o" / "ds")]
+    assert load_tool().main([*argv, "--pack-length", "256", "--renderer", "auto", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[1] == "nothing was written", lines
+    assert lines[0].startswith(f"error: {folder / named}: "), lines
+    assert not (tmp_path / "o").exists()

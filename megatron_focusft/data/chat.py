@@ -367,7 +367,13 @@ def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
         return Qwen25Renderer()
     if not tokenizer.chat_template:
         raise DataError(f"{tokenizer.folder}: no chat_template in this tokenizer folder", "tokenizer")
-    return TemplateRenderer(tokenizer.chat_template)
+    try:
+        return TemplateRenderer(tokenizer.chat_template)
+    except Exception as e:  # a jinja2 TemplateSyntaxError: a corrupt or unsupported template
+        where = tokenizer.chat_template_file or tokenizer.folder
+        line = f" line {e.lineno}" if isinstance(getattr(e, "lineno", None), int) else ""
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{where}: the chat template does not compile ({msg}{line})", "tokenizer") from None
 
 
 def unexpected_error(e: BaseException, location: str | None = None) -> DataError:

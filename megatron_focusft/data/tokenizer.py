@@ -64,6 +64,7 @@ class ChatTokenizer:
     chat_template: str | None
     folder: str
     added_tokens: str
+    chat_template_file: str | None = None  # where chat_template comes from (for error messages)
 
     def encode_text(self, text: str):
         """``tokenizers.Encoding`` of ``text`` (no added BOS/EOS).
@@ -111,27 +112,65 @@ class ChatTokenizer:
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=False)
 
 
-def _read_json(path: str):
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line (library messages can be long or span lines)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _file_error(path: str, e: BaseException) -> DataError:
+    """A tokenizer file that cannot be read or parsed, as one line naming the file."""
+    if isinstance(e, OSError):
+        why = f"cannot read it ({e.strerror or _first_line(e)})"
+    elif isinstance(e, UnicodeDecodeError):
+        why = (
+            f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}: {e.reason}); "
+            "the file is truncated or corrupt"
+        )
+    elif isinstance(e, json.JSONDecodeError):
+        why = f"not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); the file is truncated or corrupt"
+    else:
+        why = _first_line(e)
+    return DataError(f"{path}: {why}", reason="tokenizer")
+
+
+def _read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})", reason="tokenizer") from e
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _file_error(path, e) from None
 
 
-def _chat_template(folder: str) -> str | None:
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; a file that is unreadable, not UTF-8, not JSON or not an object is a
+    ``DataError(reason="tokenizer")`` naming it."""
+    text = _read_text(path)
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _file_error(path, e) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}", reason="tokenizer")
+    return obj
+
+
+def _chat_template_and_file(folder: str) -> tuple[str | None, str | None]:
+    """The folder's chat template and the file it comes from (``(None, None)`` when it has none)."""
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
+        return _read_text(jinja), jinja
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.exists(cfg_path):
-        return None
+        return None, None
     tpl = _read_json(cfg_path).get("chat_template")
     if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in tpl}
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
         tpl = named.get("default") or next(iter(named.values()), None)
-    return tpl or None
+    if tpl is not None and not isinstance(tpl, str):
+        raise DataError(f"{cfg_path}: chat_template must be a string, got {type(tpl).__name__}", reason="tokenizer")
+    return (tpl or None), (cfg_path if tpl else None)
 
 
 def _keep_qwen25(added: list[dict]) -> list[dict]:
@@ -139,10 +178,29 @@ def _keep_qwen25(added: list[dict]) -> list[dict]:
     return [a for a in added if wanted.get(a["content"]) == a["id"]]
 
 
+def _added_tokens_field(path: str, spec: dict) -> list[dict]:
+    """``tokenizer.json``'s ``added_tokens``, checked: a list of objects with an ``id`` and a ``content``."""
+    added = spec.get("added_tokens", [])
+    ok = isinstance(added, list) and all(
+        isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str) for a in added
+    )
+    if not ok:
+        raise DataError(f"{path}: added_tokens must be a list of {{id, content}} objects", reason="tokenizer")
+    return added
+
+
 def _from_vocab_merges(folder: str, qwen25_only: bool) -> Tokenizer:
     vocab = os.path.join(folder, "vocab.json")
     merges = os.path.join(folder, "merges.txt")
-    tok = Tokenizer(models.BPE.from_file(vocab, merges))
+    # The library's errors name neither file: check vocab.json here, so that what fails after is merges.txt.
+    table = _read_json(vocab)
+    if not all(isinstance(k, str) and type(v) is int for k, v in table.items()):
+        raise DataError(f"{vocab}: must map token strings to integer ids", reason="tokenizer")
+    _read_text(merges)  # (unreadable / not UTF-8)
+    try:
+        tok = Tokenizer(models.BPE.from_file(vocab, merges))
+    except Exception as e:  # tokenizers raises a plain Exception on a bad merges file
+        raise DataError(f"{merges}: cannot load the BPE merges ({_first_line(e)})", reason="tokenizer") from None
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -155,7 +213,13 @@ def _from_vocab_merges(folder: str, qwen25_only: bool) -> Tokenizer:
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     declared = _read_json(cfg_path).get("added_tokens_decoder", {}) if os.path.exists(cfg_path) else {}
     if declared:
-        entries = sorted((int(k), v["content"], bool(v.get("special", True))) for k, v in declared.items())
+        try:
+            entries = sorted((int(k), v["content"], bool(v.get("special", True))) for k, v in declared.items())
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise DataError(
+                f"{cfg_path}: added_tokens_decoder must map token ids to {{content, special}} objects",
+                reason="tokenizer",
+            ) from None
         if qwen25_only:
             keep = {(a["id"], a["content"]) for a in _keep_qwen25([{"id": t, "content": c} for t, c, _ in entries])}
             entries = [e for e in entries if (e[0], e[1]) in keep]
@@ -178,12 +242,13 @@ def load_tokenizer(folder: str, added_tokens: AddedTokens = "file") -> ChatToken
     tj = os.path.join(folder, "tokenizer.json")
     if os.path.exists(tj):
         spec = _read_json(tj)
+        added = _added_tokens_field(tj, spec)
         if added_tokens == "qwen2.5":
-            spec["added_tokens"] = _keep_qwen25(spec.get("added_tokens", []))
+            spec["added_tokens"] = _keep_qwen25(added)
         try:
             tok = Tokenizer.from_str(json.dumps(spec))
         except Exception as e:  # tokenizers raises a plain Exception on bad specs
-            raise DataError(f"{tj}: cannot load tokenizer ({e})", reason="tokenizer") from e
+            raise DataError(f"{tj}: cannot load tokenizer ({_first_line(e)})", reason="tokenizer") from None
     elif os.path.exists(os.path.join(folder, "vocab.json")) and os.path.exists(os.path.join(folder, "merges.txt")):
         tok = _from_vocab_merges(folder, qwen25_only=added_tokens == "qwen2.5")
     else:
@@ -193,4 +258,5 @@ def load_tokenizer(folder: str, added_tokens: AddedTokens = "file") -> ChatToken
         )
     tok.no_padding()
     tok.no_truncation()
-    return ChatTokenizer(tok, _chat_template(folder), folder, added_tokens)
+    template, template_file = _chat_template_and_file(folder)
+    return ChatTokenizer(tok, template, folder, added_tokens, template_file)
