@@ -119,7 +119,7 @@ def test_invalid_utf8_line_is_skipped_and_counted(tmp_path, capsys, workers):
     assert stats["errors"] == ["in.jsonl:13: invalid UTF-8 (byte 0xe9 at column 47: invalid continuation byte)"]
     assert "skipped: in.jsonl:13: invalid UTF-8" in capsys.readouterr().err
     assert PackedDataset(str(out)).meta["num_documents"] == 13
-    rc, _, _ = run(tmp_path, "--on-error", "fail")
+    rc, _, _ = run(tmp_path, "--on-error", "fail", "--overwrite")
     assert rc == 1
     assert "error: in.jsonl:13: invalid UTF-8 (byte 0xe9" in capsys.readouterr().err
 
@@ -145,7 +145,7 @@ def test_wrong_field_types_and_unexpected_errors_are_located(tmp_path, capsys, w
     capsys.readouterr()
     for k, line in enumerate(bad if workers == "1" else bad[:1]):  # (a pool per run is slow)
         write_jsonl(tmp_path / "in.jsonl", GOOD[:2], [line])
-        rc, _, _ = run(tmp_path, "--on-error", "fail", "--workers", workers)
+        rc, _, _ = run(tmp_path, "--on-error", "fail", "--workers", workers, "--overwrite")
         assert rc == 1
         assert f"error: in.jsonl:3: {stats['errors'][k].split(': ', 1)[1]}" in capsys.readouterr().err
 
@@ -211,10 +211,10 @@ def test_failed_run_keeps_the_existing_dataset(tmp_path, capsys):
     rc, out, _ = run(tmp_path)
     assert rc == 0
     before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
-    rc, _, _ = run(tmp_path, inputs=[str(tmp_path / "in.jsonl"), str(tmp_path / "missing.jsonl")])
+    rc, _, _ = run(tmp_path, "--overwrite", inputs=[str(tmp_path / "in.jsonl"), str(tmp_path / "missing.jsonl")])
     assert rc == 2
     write_jsonl(tmp_path / "in.jsonl", GOOD[:3], BAD_LINES[:1])
-    rc, _, _ = run(tmp_path, "--on-error", "fail")
+    rc, _, _ = run(tmp_path, "--on-error", "fail", "--overwrite")
     assert rc == 1
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before  # same files, same bytes
     assert PackedDataset(str(out)).meta["num_documents"] == len(GOOD)
@@ -239,7 +239,7 @@ def test_missing_tokenizer_and_overlong_policies(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", GOOD + long)
     rc, out, stats = run(tmp_path)  # drop (default)
     assert rc == 0 and stats["skipped"] == {"too_long": 1} and stats["conversations_emitted"] == 12
-    rc, out, stats = run(tmp_path, "--overlong", "error", "--on-error", "fail")
+    rc, out, stats = run(tmp_path, "--overlong", "error", "--on-error", "fail", "--overwrite")
     assert rc == 1
 
 
@@ -324,6 +324,182 @@ def test_all_skipped_error_lists_each_reason_with_count_and_first_location(tmp_p
     rc, _, _ = run(tmp_path)
     assert rc == 1
     assert "error: no conversation left to write (the inputs hold no records)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the output, the stats file, corrupt files
+def snapshot(folder):
+    """Every file under ``folder``: name -> (bytes, modification time), to show nothing was touched."""
+    return {
+        os.path.relpath(os.path.join(d, f), folder): (
+            open(os.path.join(d, f), "rb").read(),
+            os.stat(os.path.join(d, f)).st_mtime_ns,
+        )
+        for d, _, files in os.walk(folder)
+        for f in files
+    }
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_existing_dataset_is_refused_unless_overwrite(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    rc, out, _ = run(tmp_path)
+    assert rc == 0
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    write_jsonl(tmp_path / "in.jsonl", GOOD[:3])
+    after_input = snapshot(tmp_path)
+    rc, _, _ = run(tmp_path)
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(out) in line and "ds.bin" in line and "--overwrite" in line
+    assert snapshot(tmp_path) == after_input  # the dataset, the stats file, no temporary folder: untouched
+    assert {k: v for k, v in after_input.items() if k != "in.jsonl"} == {
+        k: v for k, v in before.items() if k != "in.jsonl"
+    }
+    # any one file of a dataset is enough to refuse
+    for name in ("ds.bin", "ds.idx", "ds.loss_mask.bin", "ds.loss_mask.idx"):
+        os.remove(out.parent / name)
+    rc, _, _ = run(tmp_path)
+    assert rc == 2 and "ds.json" in one_error_line(capsys.readouterr().err)
+    assert sorted(os.listdir(out.parent)) == ["ds.json"]
+    rc, out, stats = run(tmp_path, "--overwrite")
+    assert rc == 0 and stats["conversations_emitted"] == 3
+    assert PackedDataset(str(out)).meta["num_documents"] == 3
+
+
+def test_stats_json_into_a_missing_folder_is_refused_before_any_work(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    stats = tmp_path / "no-such-folder" / "stats.json"
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--tokenizer", QWEN2_DIR, "--out", str(tmp_path / "o" / "ds")]
+    assert load_tool().main([*argv, "--pack-length", "256", "--stats-json", str(stats), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(stats) in line and "does not exist" in line
+    assert not (tmp_path / "o").exists() and not stats.parent.exists()
+    (tmp_path / "a-folder.json").mkdir()
+    assert load_tool().main([*argv, "--pack-length", "256", "--stats-json", str(tmp_path / "a-folder.json")]) == 2
+    assert "a-folder.json: is a folder" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_read_only_out_folder_is_one_line_error(tmp_path, capsys, monkeypatch):
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into a read-only folder anyway: refuse the writes as the kernel would
+        real_mkdir, real_open = os.mkdir, os.open
+
+        def inside(path):
+            return os.path.abspath(os.fspath(path)).startswith(str(folder) + os.sep)
+
+        def mkdir(path, *a, **k):
+            if inside(path):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_mkdir(path, *a, **k)
+
+        def open_(path, flags, *a, **k):
+            if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_open(path, flags, *a, **k)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        monkeypatch.setattr(os, "open", open_)
+    try:
+        rc, out, stats = run(tmp_path)
+    finally:
+        folder.chmod(0o755)
+    assert rc == 2 and stats is None
+    line = one_error_line(capsys.readouterr().err)
+    assert str(folder) in line and ("Permission denied" in line or "not writable" in line), line
+    assert os.listdir(folder) == []
+
+
+def test_full_disk_is_one_line_error_and_keeps_the_dataset(tmp_path):
+    """A real write failure: the tool runs with a file-size limit (RLIMIT_FSIZE; CPython ignores SIGXFSZ, so
+    a write past it fails with EFBIG, as a full disk fails with ENOSPC) over an existing dataset."""
+    import resource
+
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    rc, out, _ = run(tmp_path)
+    assert rc == 0
+    before = snapshot(out.parent)
+    many = [
+        {"messages": [{"role": "user", "content": f"q {i} " * 30}, {"role": "assistant", "content": "a"}]}
+        for i in range(2000)
+    ]
+    write_jsonl(tmp_path / "big.jsonl", many)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    argv = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", str(tmp_path / "big.jsonl")]
+    argv += ["--tokenizer", QWEN2_DIR, "--added-tokens", "qwen2.5", "--out", str(out), "--pack-length", "256"]
+    proc = subprocess.run(
+        [*argv, "--no-progress", "--overwrite"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"},
+        preexec_fn=limit,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert str(out.parent) in line and "File too large" in line and "nothing was written" in line, line
+    assert snapshot(out.parent) == before  # the old dataset, byte for byte; no temporary folder left
+
+
+def test_disk_full_while_writing_the_metadata_keeps_the_dataset(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from megatron_focusft.data import dataset
+
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    rc, out, _ = run(tmp_path)
+    assert rc == 0
+    before = snapshot(out.parent)
+    capsys.readouterr()
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dataset.json, "dump", no_space)
+    rc, _, _ = run(tmp_path, "--overwrite")
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(out.parent) in line and "No space left on device" in line
+    assert snapshot(out.parent) == before
+
+
+@pytest.mark.parametrize("kind", ["truncated_gzip", "corrupt_parquet"])
+def test_corrupt_input_file_is_one_line_error(tmp_path, capsys, kind):
+    import gzip
+
+    lines = "".join(json.dumps(r) + "\n" for r in GOOD * 50).encode()
+    if kind == "truncated_gzip":
+        path = tmp_path / "in.jsonl.gz"
+        data = gzip.compress(lines)
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "in.parquet"
+        pq.write_table(pa.Table.from_pylist(GOOD * 50), path, row_group_size=100, compression="none")
+        data = bytearray(path.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 2000):  # the footer (row counts, schema) stays intact
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+    rc, out, stats = run(tmp_path, inputs=[str(path)])
+    assert rc == 2 and stats is None
+    line = one_error_line(capsys.readouterr().err)
+    assert path.name in line and "cannot read" in line, line
+    assert not out.parent.exists() or os.listdir(out.parent) == []
 
 
 CORRUPT_TOKENIZERS = {
