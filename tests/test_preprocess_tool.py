@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -544,3 +545,86 @@ def test_corrupt_tokenizer_file_is_one_line_error_naming_it(tmp_path, capsys, ca
     assert len(lines) == 2 and lines[1] == "nothing was written", lines
     assert lines[0].startswith(f"error: {folder / named}: "), lines
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ huge records
+HUGE_RUN = r"""
+import importlib.util, json, os, sys, time
+
+def status(key):  # kB, from /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+path = os.path.join(sys.argv[1], "tools", "preprocess_data.py")
+spec = importlib.util.spec_from_file_location("preprocess_data", path)
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+work, tokenizer, name = sys.argv[2], sys.argv[3], sys.argv[4]
+common = ["--tokenizer", tokenizer, "--added-tokens", "qwen2.5", "--pack-length", "256", "--no-progress"]
+assert tool.main(["--input", f"{work}/small.jsonl", "--out", f"{work}/warm-{name}/ds", *common]) == 0  # imports
+extra = ["--overlong", "truncate"] if name == "truncate" else []
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # restart the peak RSS (VmHWM) from now
+before = status("VmRSS")
+t0 = time.perf_counter()
+argv = ["--input", f"{work}/{name}.jsonl", "--out", f"{work}/{name}/ds", "--stats-json", f"{work}/{name}.json"]
+rc = tool.main([*argv, *common, *extra])
+result = {"rc": rc, "seconds": time.perf_counter() - t0, "peak_growth_mb": (status("VmHWM") - before) / 1024}
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_huge_record_is_rejected_before_tokenising_in_bounded_time_and_memory(tmp_path):
+    """A 50 MB JSONL line among normal records (issue: a 5 MB line took 26 s and 1.7 GB before being dropped,
+    a 50 MB one ran past 5 minutes at 6 GB): rejected from its length alone, with its location in the skip
+    report, in seconds and without tokenising it; under --overlong truncate its first turn is kept."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10))) for _ in range(5000)]
+    block = " ".join(rng.choice(words) for _ in range(170_000))  # ~1 MB of varied words
+    huge = (block + " ") * 50
+    assert len(huge) > 50_000_000
+    write_jsonl(tmp_path / "small.jsonl", GOOD)
+    huge_drop = {"messages": [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]}
+    write_jsonl(tmp_path / "drop.jsonl", GOOD[:5] + [huge_drop] + GOOD[5:])
+    huge_truncate = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": huge},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
+    write_jsonl(tmp_path / "truncate.jsonl", GOOD[:5] + [huge_truncate] + GOOD[5:])
+    del huge, huge_drop, huge_truncate
+    assert (tmp_path / "drop.jsonl").stat().st_size > 50_000_000
+    result, stderr = {}, {}
+    for name in ("drop", "truncate"):  # each in a fresh process, so that one's memory is not the other's
+        proc = subprocess.run(
+            [sys.executable, "-c", HUGE_RUN, ROOT, str(tmp_path), QWEN2_DIR, name],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"},
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result[name] = json.loads(proc.stdout.split("RESULT ", 1)[1])
+        stderr[name] = proc.stderr
+    print(result)  # (shown with -s: the time and peak memory growth of each run)
+    drop = json.loads((tmp_path / "drop.json").read_text())
+    assert result["drop"]["rc"] == 0
+    assert drop["conversations_read"] == 13 and drop["conversations_emitted"] == 12
+    assert drop["skipped"] == {"too_long": 1} and drop["first_skipped"] == {"too_long": "drop.jsonl:6"}
+    (error,) = drop["errors"]
+    n_chars = int(error.split(": ")[1].split(" ")[0])
+    assert n_chars > len(block) * 50  # the rendered conversation
+    assert error == (
+        f"drop.jsonl:6: {n_chars} characters, so at least {-(-n_chars // 128)} tokens, longer than the pack "
+        "length 256 (not tokenised)"
+    )
+    assert "skipped: drop.jsonl:6: " in stderr["drop"]
+    truncate = json.loads((tmp_path / "truncate.json").read_text())
+    assert result["truncate"]["rc"] == 0
+    assert truncate["conversations_emitted"] == 13 and truncate["truncated"] == 1 and truncate["skipped"] == {}
+    for name in ("drop", "truncate"):
+        assert result[name]["seconds"] < 30, result
+        assert result[name]["peak_growth_mb"] < 1024, result

@@ -112,7 +112,10 @@ def encode_records(records: list[RawRecord], encoder: ChatEncoder | None = None)
     out = []
     for rec in records:
         try:
-            out.append((rec.location, enc.encode(parse_record(rec), rec.location)))
+            record = parse_record(rec)
+            rec.raw = None  # the line as read is not needed any more (a huge one is one copy fewer in memory)
+            out.append((rec.location, enc.encode(record, rec.location)))
+            del record
         except DataError as e:
             out.append((rec.location, e.at(rec.location)))
         except MemoryError:
