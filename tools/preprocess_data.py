@@ -4,11 +4,16 @@
     python tools/preprocess_data.py --input data.jsonl --tokenizer CKPT_DIR --out data/train \\
         --pack-length 32768 --workers 8 --stats-json stats.json
 
-Writes ``OUT.bin/.idx`` (tokens), ``OUT.loss_mask.*`` and ``OUT.json`` (metadata).
-Exit status: 0 on success; 1 on a data error under ``--on-error fail`` or a bad tokenizer folder; 2 on bad
-usage, including an input file that is missing, unreadable or of an unknown format (every input is checked
-before anything is read or written).  On any error nothing is written and an existing dataset at the output
-prefix is left as it was (the files are written under a temporary name and renamed at the end).
+Writes ``OUT.bin/.idx`` (tokens), ``OUT.loss_mask.*`` and ``OUT.json`` (metadata).  A dataset already at
+``OUT`` (any of those files) is refused unless ``--overwrite``.
+Exit status: 0 on success; 1 on a data error under ``--on-error fail``, when every record was skipped, or on a
+bad tokenizer folder (a missing, truncated or corrupt file of it, named); 2 on bad usage and file-system
+problems, each a one-line error naming the path: an input file that is missing, unreadable, of an unknown
+format or corrupt; a dataset already at ``OUT`` without ``--overwrite``; an output folder or ``--stats-json``
+folder that is missing, not a folder or not writable; a write that fails (full disk, read-only file system).
+Every input, the output prefix and the stats file's folder are checked before anything is read or written.  On
+any error nothing is written and an existing dataset at the output prefix is left as it was (the files are
+written under a temporary name and renamed at the end).
 """
 
 from __future__ import annotations
@@ -18,8 +23,17 @@ import os
 import sys
 
 from megatron_focusft.data.errors import DataError
-from megatron_focusft.data.preprocess import PreprocessConfig, format_summary, preprocess, write_stats_json
+from megatron_focusft.data.preprocess import (
+    PreprocessConfig,
+    check_output,
+    format_summary,
+    preprocess,
+    write_stats_json,
+)
 from megatron_focusft.data.reading import FieldNames, check_inputs
+
+# DataError reasons that are usage / file-system problems (exit 2, one line) rather than data problems (exit 1)
+USAGE_REASONS = ("bad_file", "exists", "write_failed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL / Parquet files")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="checkpoint folder with the tokenizer")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out (else refused)")
     p.add_argument("--pack-length", type=int, required=True, metavar="L", help="tokens per packed sequence")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizer processes")
     p.add_argument("--stats-json", metavar="F", help="write the summary numbers to this JSON file")
@@ -69,10 +84,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_stats_path(path: str) -> None:
+    """``--stats-json``'s file must be writable: its folder exists and is writable, and it is not a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DataError(f"{path}: the folder {folder} does not exist (--stats-json)", "write_failed")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a file (--stats-json)", "write_failed")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{path}: the folder {folder} is not writable (--stats-json)", "write_failed")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+    try:  # usage and file-system checks, before any work: nothing is read or written when one fails
         check_inputs(args.input)
+        check_output(args.out, args.overwrite)
+        if args.stats_json:
+            check_stats_path(args.stats_json)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -96,10 +125,14 @@ def main(argv=None) -> int:
             role_map=args.role_map,
         ),
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     try:
         stats = preprocess(cfg)
     except DataError as e:
+        if e.reason in USAGE_REASONS:
+            print(f"error: {e}; nothing was written", file=sys.stderr)
+            return 2
         print(f"error: {e}", file=sys.stderr)
         print("nothing was written", file=sys.stderr)
         return 1
@@ -107,7 +140,11 @@ def main(argv=None) -> int:
         print(f"skipped: {msg}", file=sys.stderr)
     print(format_summary(stats))
     if args.stats_json:
-        write_stats_json(args.stats_json, stats)
+        try:
+            write_stats_json(args.stats_json, stats)
+        except DataError as e:
+            print(f"error: {e}; the dataset at {args.out} was written", file=sys.stderr)
+            return 2
     return 0
 
 

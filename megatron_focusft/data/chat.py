@@ -367,7 +367,13 @@ def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
         return Qwen25Renderer()
     if not tokenizer.chat_template:
         raise DataError(f"{tokenizer.folder}: no chat_template in this tokenizer folder", "tokenizer")
-    return TemplateRenderer(tokenizer.chat_template)
+    try:
+        return TemplateRenderer(tokenizer.chat_template)
+    except Exception as e:  # a jinja2 TemplateSyntaxError: a corrupt or unsupported template
+        where = tokenizer.chat_template_file or tokenizer.folder
+        line = f" line {e.lineno}" if isinstance(getattr(e, "lineno", None), int) else ""
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{where}: the chat template does not compile ({msg}{line})", "tokenizer") from None
 
 
 def unexpected_error(e: BaseException, location: str | None = None) -> DataError:
@@ -430,7 +436,20 @@ class ChatEncoder:
     def _encode(self, record: dict, location: str) -> Document:
         segs = self.render(record)
         text = "".join(s.text for s in segs)
-        enc = self.tokenizer.encode_text(text)
+        enc, known_overlong = None, False
+        if self.max_length is not None:
+            (lower,) = self.tokenizer.min_tokens_at(text, [len(text)])
+            if lower > self.max_length:  # certainly too long: decided before tokenising
+                if self.overlong != "truncate":
+                    raise DataError(
+                        f"{len(text)} characters, so at least {lower} tokens, longer than the pack length "
+                        f"{self.max_length} (not tokenised)",
+                        "too_long",
+                    )
+                segs, text, enc = self._truncation_prefix(segs, text)
+                known_overlong = True
+        if enc is None:
+            enc = self.tokenizer.encode_text(text)
         ids = np.asarray(enc.ids, dtype=np.int32)
         spans = []  # character spans of the response segments
         pos = 0
@@ -447,12 +466,13 @@ class ChatEncoder:
 
         n_tok = len(ids)
         truncated = False
-        if self.max_length is not None and n_tok > self.max_length:
+        if self.max_length is not None and (n_tok > self.max_length or known_overlong):
             if self.overlong != "truncate":
                 raise DataError(f"{n_tok} tokens, longer than the pack length {self.max_length}", "too_long")
             ok = np.flatnonzero(aligned & (end <= self.max_length))
             if ok.size == 0:
-                raise DataError(f"{n_tok} tokens and no whole assistant turn fits in {self.max_length}", "too_long")
+                length = "longer than the pack length" if known_overlong else f"{n_tok} tokens"
+                raise DataError(f"{length} and no whole assistant turn fits in {self.max_length}", "too_long")
             n_tok = int(end[ok[-1]])
             ids, turn = ids[:n_tok], turn[:n_tok]
             truncated = True
@@ -465,6 +485,42 @@ class ChatEncoder:
         if not loss_mask.any():
             raise DataError("no response token left to train on", "no_response")
         return Document(np.ascontiguousarray(ids), loss_mask, location, truncated)
+
+    def _truncation_prefix(self, segs: list[Segment], text: str):
+        """``(segments, text, encoding)`` of a prefix of a conversation known to be longer than the pack length
+        (``overlong="truncate"``), whose tokens are exactly the first tokens of the whole text and which holds
+        every whole assistant turn that can fit: what truncating the whole text would keep, without tokenising
+        all of it.
+
+        A prefix ends at a segment end where the tokenizer splits the text anyway (before an added token such
+        as ``<|im_start|>``: :meth:`ChatTokenizer.splits_before`), so its tokens are those of the whole text.
+        Prefixes are tokenised growing (twice as long each time, from about 4 characters a token) until one
+        has more tokens than the pack length, or reaches past the last response whose length bound fits.  So
+        a huge record costs about twice the text that fits, not the whole record.  Raises
+        ``DataError(reason="too_long")`` when no response can fit by the bound alone.
+        """
+        ends, pos = [], 0
+        for seg in segs:
+            pos += len(seg.text)
+            ends.append(pos)
+        bounds = self.tokenizer.min_tokens_at(text, ends)
+        fits = [k for k, seg in enumerate(segs) if seg.kind == "response" and bounds[k] <= self.max_length]
+        if not fits:
+            raise DataError(
+                f"at least {bounds[-1]} tokens and no whole assistant turn fits in {self.max_length} (not tokenised)",
+                "too_long",
+            )
+        target = 4 * self.max_length  # characters
+        for k in range(fits[0], len(segs)):
+            last = k >= fits[-1]
+            if not self.tokenizer.splits_before(text, ends[k]) or (ends[k] < target and not last):
+                continue
+            prefix = text[: ends[k]]
+            enc = self.tokenizer.encode_text(prefix)
+            if last or len(enc.ids) > self.max_length:
+                return segs[: k + 1], prefix, enc
+            target = 2 * ends[k]
+        raise AssertionError("unreachable: the end of the text is always a split point")
 
 
 def _response_token_ranges(enc, spans: list[tuple[int, int]], text_len: int):

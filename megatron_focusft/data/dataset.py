@@ -23,6 +23,7 @@ exactly there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -74,6 +75,20 @@ class DocumentStore:
         self.tokens.finalize(self.prefix + ".idx")
         self.loss.finalize(self.prefix + LOSS_SUFFIX + ".idx")
 
+    def close(self) -> None:
+        """Close the data files (after a failure; ``finalize`` closes them otherwise)."""
+        _close_builders(self.tokens, self.loss)
+
+
+def _close_builders(*builders) -> None:
+    """Close the builders' open data files, ignoring a failing last flush (e.g. on a full disk): a file left
+    to the garbage collector would print that error again, as an 'Exception ignored' traceback."""
+    for b in builders:
+        f = getattr(b, "data_file", None)
+        if f is not None and not f.closed:
+            with contextlib.suppress(OSError):
+                f.close()
+
 
 class _DocumentReader:
     def __init__(self, prefix: str):
@@ -96,6 +111,7 @@ def write_packs(prefix: str, docs, bins: list[list[int]], meta: dict) -> None:
     out_dir = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(prefix)}.tmp-", dir=out_dir)
+    tok_b = loss_b = None
     try:
         tprefix = os.path.join(tmp, "out")
         tok_b = ix.IndexedDatasetBuilder(tprefix + ".bin", dtype=np.int32)
@@ -123,6 +139,7 @@ def write_packs(prefix: str, docs, bins: list[list[int]], meta: dict) -> None:
         for src, dst in zip(dataset_files(tprefix), dataset_files(prefix)):
             os.replace(src, dst)
     finally:
+        _close_builders(tok_b, loss_b)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -9,7 +9,8 @@ class DataError(ValueError):
     ``str(err)`` reads ``data.jsonl:17: assistant turn with empty content and no tool_calls``.
     ``reason`` is a stable key (``malformed_json``, ``unknown_role``, ``empty_assistant``, ``orphan_tool``,
     ``no_response``, ``too_long``, ``bad_record``, ``bad_encoding``, ``template``, ``tokenizer``, ``bad_file``,
-    ``unexpected``) used to count skips.
+    ``unexpected``) used to count skips; a whole run's failures also use ``empty`` (every record skipped),
+    ``exists`` (a dataset already at the output prefix) and ``write_failed`` (the output cannot be written).
     """
 
     def __init__(self, message: str, reason: str = "bad_record", location: str | None = None):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .chat import ChatEncoder, Document, unexpected_error
-from .dataset import DocumentStore, _DocumentReader, write_packs
+from .dataset import DocumentStore, _DocumentReader, dataset_files, write_packs
 from .errors import DataError
 from .packing import best_fit_decreasing, packing_efficiency
 from .reading import FieldNames, RawRecord, check_inputs, count_records, iter_records, parse_record
@@ -44,6 +44,7 @@ class PreprocessConfig:
     fields: FieldNames = field(default_factory=FieldNames)
     progress: bool = True
     chunk_size: int = 32
+    overwrite: bool = True  # False: refuse (DataError reason "exists") when a dataset is already at ``out``
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Stats:
     conversations_read: int = 0
     conversations_emitted: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count
+    first_skipped: dict = field(default_factory=dict)  # reason -> location of its first skipped record
     errors: list = field(default_factory=list)  # the first messages, "file:line: ..."
     truncated: int = 0
     tokens: int = 0
@@ -110,7 +112,10 @@ def encode_records(records: list[RawRecord], encoder: ChatEncoder | None = None)
     out = []
     for rec in records:
         try:
-            out.append((rec.location, enc.encode(parse_record(rec), rec.location)))
+            record = parse_record(rec)
+            rec.raw = None  # the line as read is not needed any more (a huge one is one copy fewer in memory)
+            out.append((rec.location, enc.encode(record, rec.location)))
+            del record
         except DataError as e:
             out.append((rec.location, e.at(rec.location)))
         except MemoryError:
@@ -138,19 +143,23 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         raise ValueError(f"on_error must be skip or fail, got {cfg.on_error!r}")
     t0 = time.perf_counter()
     check_inputs(cfg.inputs)  # every input, before anything is loaded, read or written
+    check_output(cfg.out, cfg.overwrite)
     encoder = _make_encoder(cfg)  # fails early on a bad tokenizer folder / options
-    total = count_records(cfg.inputs)
-    stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)
     out_dir = os.path.dirname(os.path.abspath(cfg.out))
-    os.makedirs(out_dir, exist_ok=True)
-    stage_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(cfg.out)}.stage-", dir=out_dir)
+    with _writing(out_dir):  # fails early, before the inputs are read, on a folder that cannot be written
+        os.makedirs(out_dir, exist_ok=True)
+        stage_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(cfg.out)}.stage-", dir=out_dir)
+    stage = None
     try:
-        stage = DocumentStore(os.path.join(stage_dir, "docs"))
-        with _encoded_chunks(cfg, encoder) as results:
-            _stage_documents(results, stage, stats, cfg, total, t0)
-            stage.finalize()
+        total = count_records(cfg.inputs)
+        stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)
+        with _writing(out_dir):
+            stage = DocumentStore(os.path.join(stage_dir, "docs"))
+            with _encoded_chunks(cfg, encoder) as results:
+                _stage_documents(results, stage, stats, cfg, total, t0)
+                stage.finalize()
         if stats.conversations_emitted == 0:
-            raise DataError("no conversation left to write (all were skipped)", "empty")
+            raise DataError(_nothing_left(stats), "empty")
         bins = best_fit_decreasing(np.asarray(stage.lengths), cfg.pack_length)
         stats.packs = len(bins)
         stats.packing_efficiency = packing_efficiency(stats.tokens, len(bins), cfg.pack_length)
@@ -160,11 +169,51 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         # not counted); the returned stats (--stats-json, the summary) are the very same numbers.
         stats.seconds = time.perf_counter() - t0
         stats.tokens_per_second = stats.tokens / max(1e-9, stats.seconds)
-        docs = _DocumentReader(os.path.join(stage_dir, "docs"))
-        write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
+        with _writing(out_dir):
+            docs = _DocumentReader(os.path.join(stage_dir, "docs"))
+            write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
         return stats
     finally:
+        if stage is not None:
+            stage.close()
         shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def check_output(prefix: str, overwrite: bool) -> None:
+    """Refuse, before any work, an output prefix that cannot be written: a dataset file already there unless
+    ``overwrite`` (``DataError(reason="exists")``, naming the files), a folder where a dataset file goes, or an
+    output folder (its nearest existing parent when it is still to be made) that is not a writable folder
+    (``reason="write_failed"``)."""
+    existing = [p for p in dataset_files(prefix) if os.path.lexists(p)]
+    for p in existing:
+        if os.path.isdir(p):
+            raise DataError(f"{p}: a folder is where a file of the dataset goes", "write_failed")
+    if existing and not overwrite:
+        names = ", ".join(os.path.basename(p) for p in existing)
+        raise DataError(f"{prefix}: a dataset is already there ({names}); --overwrite replaces it", "exists")
+    folder = os.path.dirname(os.path.abspath(prefix))
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: not a folder, so the dataset cannot be written under it", "write_failed")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: the output folder is not writable", "write_failed")
+
+
+def _os_reason(e: OSError) -> str:
+    if e.strerror:
+        return e.strerror
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+@contextlib.contextmanager
+def _writing(folder: str):
+    """An ``OSError`` while writing (a read-only or full disk, a file over the size limit) as one
+    ``DataError(reason="write_failed")`` naming the output folder, instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"{folder}: cannot write the dataset there ({_os_reason(e)})", "write_failed") from None
 
 
 @contextlib.contextmanager
@@ -219,8 +268,20 @@ def _count(item: Document | DataError, stage: DocumentStore, stats: Stats, skipp
     if cfg.on_error == "fail" and not deliberate:
         raise item
     skipped[item.reason] += 1
+    stats.first_skipped.setdefault(item.reason, item.location)
     if len(stats.errors) < MAX_REPORTED_ERRORS:
         stats.errors.append(str(item))
+
+
+def _nothing_left(stats: Stats) -> str:
+    """Why there is nothing to write: every skip reason with its count and the first record it skipped."""
+    if stats.conversations_read == 0:
+        return "no conversation left to write (the inputs hold no records)"
+    reasons = "; ".join(
+        f"{reason}: {count}, first at {stats.first_skipped.get(reason) or '?'}"
+        for reason, count in sorted(stats.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    return f"no conversation left to write: all {stats.conversations_read} were skipped ({reasons})"
 
 
 def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder) -> dict:
@@ -239,5 +300,17 @@ def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder) -> dict:
 
 
 def write_stats_json(path: str, stats: Stats) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(stats.to_dict(), f, indent=2, ensure_ascii=False)
+    """``stats`` as JSON at ``path``, written under a temporary name and renamed (never a half-written file);
+    a failure is a ``DataError(reason="write_failed")`` naming ``path``."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(stats.to_dict(), f, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the stats file ({_os_reason(e)})", "write_failed") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -89,10 +89,15 @@ def iter_parquet(path: str, batch_size: int = 256) -> Iterator[RawRecord]:
 
     name = os.path.basename(path)
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-        for rec in batch.to_pylist():
-            yield RawRecord(f"{name}:row {row}", _strip_none(rec))
-            row += 1
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+        for batch in batches:
+            for rec in batch.to_pylist():
+                yield RawRecord(f"{name}:row {row}", _strip_none(rec))
+                row += 1
+    except (OSError, ValueError) as e:  # a corrupt page / row group (pyarrow's ArrowInvalid is a ValueError)
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read past row {row} ({msg})", "bad_file", f"{name}:row {row}") from None
 
 
 _MAGIC = {"parquet": b"PAR1", "gzip": b"\x1f\x8b"}

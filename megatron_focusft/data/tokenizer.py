@@ -6,6 +6,14 @@ Only the Rust ``tokenizers`` library is used (no model code).  The chat template
 ``added_tokens="qwen2.5"`` keeps exactly the 22 added tokens Qwen2.5 defines (ids 151643..151664) and drops
 any later additions (e.g. ``<tool_response>``, ``<think>`` = 151665..151668 in Qwen3-era files), so that such
 strings are tokenized as ordinary text, exactly as Qwen2.5 does.  ``"file"`` keeps what the folder says.
+
+Length bounds without tokenising (:meth:`ChatTokenizer.min_tokens_at`): in a byte-level BPE every token stands
+for at most ``max_token_bytes`` bytes of text (the longest vocabulary entry, in bytes; 128 for Qwen2), so a
+text of ``n`` UTF-8 bytes has at least ``ceil(n / max_token_bytes)`` tokens.  That lets the chat encoder reject
+a record far longer than the pack length before tokenising it (tokenising 5 MB of text takes ~20 s and more
+than 1 GB).  The bound is only claimed where it holds: a BPE model with a ByteLevel pre-tokenizer, every byte in
+its vocabulary, no normaliser other than NFC, and no added token that swallows the whitespace beside
+it; for any other tokenizer ``max_token_bytes`` is None and nothing is rejected early.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import json
 import os
 import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -55,6 +64,29 @@ QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 QWEN25_FIRST_ADDED_ID = 151643
 
+# NFC normalisation shrinks a text's UTF-8 length by at most this factor (a decomposed character such as
+# U+0390 = iota + two combining marks, 6 bytes, composes into 2 bytes: 3x; 4 leaves a margin).  Only text that is
+# not already NFC needs it.
+NFC_MAX_SHRINK = 4
+_UTF8_CHUNK = 1 << 20
+
+
+def utf8_length(text: str, start: int = 0, end: int | None = None) -> int:
+    """UTF-8 bytes of ``text[start:end]`` without encoding it whole (1 MiB characters at a time)."""
+    end = len(text) if end is None else end
+    if text.isascii():
+        return max(0, end - start)
+    return sum(
+        len(text[i : min(end, i + _UTF8_CHUNK)].encode("utf-8", "surrogatepass"))
+        for i in range(start, end, _UTF8_CHUNK)
+    )
+
+
+def _has_byte_level(state: dict) -> bool:
+    if state.get("type") == "ByteLevel":
+        return True
+    return any(_has_byte_level(p) for p in state.get("pretokenizers") or [] if isinstance(p, dict))
+
 
 @dataclass
 class ChatTokenizer:
@@ -64,6 +96,7 @@ class ChatTokenizer:
     chat_template: str | None
     folder: str
     added_tokens: str
+    chat_template_file: str | None = None  # where chat_template comes from (for error messages)
 
     def encode_text(self, text: str):
         """``tokenizers.Encoding`` of ``text`` (no added BOS/EOS).
@@ -80,6 +113,87 @@ class ChatTokenizer:
             finally:
                 tk.normalizer = norm
         return tk.encode(text, add_special_tokens=False)
+
+    @cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most bytes of input text one token can stand for, or None where this module cannot bound it.
+
+        Bounded for a byte-level BPE (a BPE model behind a ByteLevel pre-tokenizer, whose vocabulary holds all
+        256 byte symbols, so every byte is in some token and none is dropped or fused into an unknown token)
+        with no normaliser or NFC: the longest vocabulary entry (in byte symbols) or added token (in UTF-8
+        bytes).  An added token that strips the whitespace beside it (``lstrip`` / ``rstrip``) stands for any
+        number of bytes, so then there is no bound.
+        """
+        tk = self.tokenizer
+        if not isinstance(tk.model, models.BPE):
+            return None
+        if tk.normalizer is not None and type(tk.normalizer).__name__ != "NFC":
+            return None
+        pre = tk.pre_tokenizer
+        try:
+            if pre is None or not _has_byte_level(json.loads(pre.__getstate__())):
+                return None
+        except (TypeError, ValueError, AttributeError):
+            return None
+        vocab = tk.get_vocab(with_added_tokens=False)
+        if not set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys():
+            return None
+        longest = max(map(len, vocab), default=1)
+        for added in tk.get_added_tokens_decoder().values():
+            if added.lstrip or added.rstrip:
+                return None
+            longest = max(longest, len(added.content.encode("utf-8")))
+        return longest
+
+    def min_tokens_at(self, text: str, ends: list[int]) -> list[int]:
+        """For each ``end`` (increasing character offsets), a lower bound on the number of tokens
+        :meth:`encode_text` gives ``text[:end]``, computed from its length alone; all 0 without a bound.
+
+        Exact tokenising of a prefix is not needed: tokens >= bytes / :attr:`max_token_bytes`, with the bytes
+        those the model sees: the text's own when it is NFC (or there is no normaliser), else at least its
+        bytes / :data:`NFC_MAX_SHRINK`.
+        """
+        longest = self.max_token_bytes
+        if longest is None:
+            return [0] * len(ends)
+        shrink = 1
+        if self.tokenizer.normalizer is not None and not text.isascii():
+            shrink = 1 if unicodedata.is_normalized("NFC", text) else NFC_MAX_SHRINK
+        out, nbytes, prev = [], 0, 0
+        for end in ends:
+            nbytes += utf8_length(text, prev, end)
+            prev = end
+            out.append(-(-(nbytes // shrink) // longest))
+        return out
+
+    @cached_property
+    def _added_splits(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(added tokens the tokenizer cuts the raw text at before anything else: not normalised, not
+        stripping, not single-word, special ones only while special tokens are split; every added token)."""
+        tk = self.tokenizer
+        split_special = not getattr(tk, "encode_special_tokens", False)
+        anchors, every = [], []
+        for t in tk.get_added_tokens_decoder().values():
+            if not t.content:
+                continue
+            every.append(t.content)
+            if not (t.normalized or t.lstrip or t.rstrip or t.single_word) and (split_special or not t.special):
+                anchors.append(t.content)
+        return tuple(anchors), tuple(every)
+
+    def splits_before(self, text: str, pos: int) -> bool:
+        """True when the tokens of ``text[:pos]`` are exactly the first tokens of ``text``: ``pos`` is the end
+        of the text, or an added token the tokenizer extracts first starts there and none runs across it (the
+        pieces between added tokens are normalised, pre-tokenised and merged independently)."""
+        if pos >= len(text):
+            return True
+        anchors, every = self._added_splits
+        if pos <= 0 or not any(text.startswith(a, pos) for a in anchors):
+            return False
+        for c in every:  # an added token that starts before pos and ends after it would be matched instead
+            if len(c) > 1 and text.find(c, max(0, pos - len(c) + 1), pos + len(c) - 1) != -1:
+                return False
+        return True
 
     def single_id(self, text: str) -> int:
         """The id of ``text``, which must tokenize as one token (a special token such as ``<|im_end|>``)."""
@@ -111,27 +225,65 @@ class ChatTokenizer:
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=False)
 
 
-def _read_json(path: str):
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line (library messages can be long or span lines)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _file_error(path: str, e: BaseException) -> DataError:
+    """A tokenizer file that cannot be read or parsed, as one line naming the file."""
+    if isinstance(e, OSError):
+        why = f"cannot read it ({e.strerror or _first_line(e)})"
+    elif isinstance(e, UnicodeDecodeError):
+        why = (
+            f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}: {e.reason}); "
+            "the file is truncated or corrupt"
+        )
+    elif isinstance(e, json.JSONDecodeError):
+        why = f"not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); the file is truncated or corrupt"
+    else:
+        why = _first_line(e)
+    return DataError(f"{path}: {why}", reason="tokenizer")
+
+
+def _read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})", reason="tokenizer") from e
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _file_error(path, e) from None
 
 
-def _chat_template(folder: str) -> str | None:
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; a file that is unreadable, not UTF-8, not JSON or not an object is a
+    ``DataError(reason="tokenizer")`` naming it."""
+    text = _read_text(path)
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _file_error(path, e) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}", reason="tokenizer")
+    return obj
+
+
+def _chat_template_and_file(folder: str) -> tuple[str | None, str | None]:
+    """The folder's chat template and the file it comes from (``(None, None)`` when it has none)."""
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
+        return _read_text(jinja), jinja
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.exists(cfg_path):
-        return None
+        return None, None
     tpl = _read_json(cfg_path).get("chat_template")
     if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in tpl}
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
         tpl = named.get("default") or next(iter(named.values()), None)
-    return tpl or None
+    if tpl is not None and not isinstance(tpl, str):
+        raise DataError(f"{cfg_path}: chat_template must be a string, got {type(tpl).__name__}", reason="tokenizer")
+    return (tpl or None), (cfg_path if tpl else None)
 
 
 def _keep_qwen25(added: list[dict]) -> list[dict]:
@@ -139,10 +291,29 @@ def _keep_qwen25(added: list[dict]) -> list[dict]:
     return [a for a in added if wanted.get(a["content"]) == a["id"]]
 
 
+def _added_tokens_field(path: str, spec: dict) -> list[dict]:
+    """``tokenizer.json``'s ``added_tokens``, checked: a list of objects with an ``id`` and a ``content``."""
+    added = spec.get("added_tokens", [])
+    ok = isinstance(added, list) and all(
+        isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str) for a in added
+    )
+    if not ok:
+        raise DataError(f"{path}: added_tokens must be a list of {{id, content}} objects", reason="tokenizer")
+    return added
+
+
 def _from_vocab_merges(folder: str, qwen25_only: bool) -> Tokenizer:
     vocab = os.path.join(folder, "vocab.json")
     merges = os.path.join(folder, "merges.txt")
-    tok = Tokenizer(models.BPE.from_file(vocab, merges))
+    # The library's errors name neither file: check vocab.json here, so that what fails after is merges.txt.
+    table = _read_json(vocab)
+    if not all(isinstance(k, str) and type(v) is int for k, v in table.items()):
+        raise DataError(f"{vocab}: must map token strings to integer ids", reason="tokenizer")
+    _read_text(merges)  # (unreadable / not UTF-8)
+    try:
+        tok = Tokenizer(models.BPE.from_file(vocab, merges))
+    except Exception as e:  # tokenizers raises a plain Exception on a bad merges file
+        raise DataError(f"{merges}: cannot load the BPE merges ({_first_line(e)})", reason="tokenizer") from None
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -155,7 +326,13 @@ def _from_vocab_merges(folder: str, qwen25_only: bool) -> Tokenizer:
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     declared = _read_json(cfg_path).get("added_tokens_decoder", {}) if os.path.exists(cfg_path) else {}
     if declared:
-        entries = sorted((int(k), v["content"], bool(v.get("special", True))) for k, v in declared.items())
+        try:
+            entries = sorted((int(k), v["content"], bool(v.get("special", True))) for k, v in declared.items())
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise DataError(
+                f"{cfg_path}: added_tokens_decoder must map token ids to {{content, special}} objects",
+                reason="tokenizer",
+            ) from None
         if qwen25_only:
             keep = {(a["id"], a["content"]) for a in _keep_qwen25([{"id": t, "content": c} for t, c, _ in entries])}
             entries = [e for e in entries if (e[0], e[1]) in keep]
@@ -178,12 +355,13 @@ def load_tokenizer(folder: str, added_tokens: AddedTokens = "file") -> ChatToken
     tj = os.path.join(folder, "tokenizer.json")
     if os.path.exists(tj):
         spec = _read_json(tj)
+        added = _added_tokens_field(tj, spec)
         if added_tokens == "qwen2.5":
-            spec["added_tokens"] = _keep_qwen25(spec.get("added_tokens", []))
+            spec["added_tokens"] = _keep_qwen25(added)
         try:
             tok = Tokenizer.from_str(json.dumps(spec))
         except Exception as e:  # tokenizers raises a plain Exception on bad specs
-            raise DataError(f"{tj}: cannot load tokenizer ({e})", reason="tokenizer") from e
+            raise DataError(f"{tj}: cannot load tokenizer ({_first_line(e)})", reason="tokenizer") from None
     elif os.path.exists(os.path.join(folder, "vocab.json")) and os.path.exists(os.path.join(folder, "merges.txt")):
         tok = _from_vocab_merges(folder, qwen25_only=added_tokens == "qwen2.5")
     else:
@@ -193,4 +371,5 @@ def load_tokenizer(folder: str, added_tokens: AddedTokens = "file") -> ChatToken
         )
     tok.no_padding()
     tok.no_truncation()
-    return ChatTokenizer(tok, _chat_template(folder), folder, added_tokens)
+    template, template_file = _chat_template_and_file(folder)
+    return ChatTokenizer(tok, template, folder, added_tokens, template_file)
