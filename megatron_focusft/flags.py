@@ -1,6 +1,6 @@
 """Command-line flags that several tools share, each defined once: the parallel layout, the device, the FocuSFT
 knobs (``--bilevel``, ``--attention-mask``, ``--attention-backend``, ``--focusft-*``), activation recompute, the
-micro-batch size and the progress bar.
+micro-batch size, the progress bar and ``--no-verify-checksums``.
 
 ``tools/train.py``, ``tools/memory_plan.py``, ``tools/benchmark.py``, ``tools/analyze_attention.py`` and
 ``tools/evaluate.py`` (the last two through :mod:`megatron_focusft.analysis.cli`) add the groups that apply to
@@ -178,3 +178,14 @@ def add_micro_batch_flag(p: Any) -> None:
 
 def add_progress_flag(p: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (even on a terminal)")
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def add_verify_checksums_flag(p: Any) -> None:
+    """``--no-verify-checksums`` (dest ``no_verify_checksums``): the tools that read a checkpoint."""
+    p.add_argument(
+        "--no-verify-checksums",
+        action="store_true",
+        help="do not hash the checkpoint's files against its checksums.json (huge checkpoints; also "
+        "FOCUSFT_VERIFY_CHECKSUMS=0); file sizes, pickle screening and tensor shapes are still checked",
+    )

@@ -197,6 +197,9 @@ def launch_cpu_processes(
     import torch.multiprocessing as mp
 
     layout.validate(nprocs)
+    # The two torch.load(weights_only=False) below read only what the spawned workers of this call wrote into
+    # a private temporary folder (the result and a pickled exception): never a user's file.  Checkpoint files
+    # are read through megatron_focusft.convert.trust (weights_only=True, .metadata screened).
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.pt")
         try:

@@ -12,14 +12,15 @@ from megatron_focusft.models.qwen2 import tiny_arch
 from megatron_focusft.models.random_hf import make_random_hf_checkpoint
 
 
-def tiny_pretrained(root: Path) -> Path:
-    """HF random tiny Qwen2 (vocab 256) converted into a megatron_focusft checkpoint at ``root/ckpt``."""
+def tiny_pretrained(root: Path, **arch_changes) -> Path:
+    """HF random tiny Qwen2 (vocab 256, or ``arch_changes``) converted into a megatron_focusft checkpoint at
+    ``root/ckpt``."""
     import torch
 
     from megatron_focusft import runtime
     from megatron_focusft.convert.pipeline import hf_to_megatron
 
-    arch = tiny_arch(vocab_size=256, num_layers=3)
+    arch = tiny_arch(**{"vocab_size": 256, "num_layers": 3, **arch_changes})
     make_random_hf_checkpoint(arch, root / "hf", seed=1)
     (root / "hf" / "tokenizer_config.json").write_text('{"model_max_length": 4096}')  # travels with checkpoints
     runtime.launch_cpu_processes(hf_to_megatron, 1, args=(root / "hf", root / "ckpt", torch.float32, False))

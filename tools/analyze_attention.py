@@ -69,7 +69,7 @@ def _analyze_one(args, ckpt: str, mode: str):
     tok_dir = args.tokenizer or str(resolve_checkpoint(ckpt) / "tokenizer")  # the analysed checkpoint's
     tokenizer = load_tokenizer(tok_dir)
     samples = load_samples(args.data, tokenizer, limit=args.samples, max_length=args.max_length)
-    model, arch = load_probe_model(ckpt)
+    model, arch = load_probe_model(ckpt, checksums=not args.no_verify_checksums)
     if args.heatmap_layer is not None and args.heatmap_layer >= arch.num_layers:
         raise ValueError(
             f"--heatmap-layer {args.heatmap_layer}: {ckpt} has {arch.num_layers} layers (0..{arch.num_layers - 1})"

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_focusft import runtime
+from megatron_focusft import flags, runtime
 from megatron_focusft.convert import pipeline
 from megatron_focusft.convert.megatron_io import DTYPES, resolve_checkpoint
 from megatron_focusft.models.qwen2 import ConfigError
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
     p.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flags.add_verify_checksums_flag(p)
     return p.parse_args(argv)
 
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 DTYPES[args.dtype] if args.dtype else None,
                 int(args.max_shard_size_gb * 1024**3),
                 not args.no_progress,
+                not args.no_verify_checksums,
             ),
         )
     except ConfigError as e:

@@ -155,7 +155,8 @@ def run(args) -> list[dict]:
     else:
         from megatron_focusft.analysis.generate import load_generation_model, megatron_greedy
 
-        model, arch = load_generation_model(args.ckpt, None if args.dtype == "auto" else getattr(torch, args.dtype))
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        model, arch = load_generation_model(args.ckpt, dtype, checksums=not args.no_verify_checksums)
         if args.device == "cuda":
             model = model.cuda()
         vocab = arch.vocab_size

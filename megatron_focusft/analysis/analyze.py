@@ -31,11 +31,12 @@ class Sample:
     source: str = ""
 
 
-def load_probe_model(ckpt: str | Path, dtype: torch.dtype | None = None):
-    """The checkpoint's model built with :class:`ProbeAttention` (eval mode; collective under TP)."""
+def load_probe_model(ckpt: str | Path, dtype: torch.dtype | None = None, checksums: bool = True):
+    """The checkpoint's model built with :class:`ProbeAttention` (eval mode; collective under TP);
+    ``checksums``: hash its files against its ``checksums.json`` first."""
     from megatron_focusft.convert.megatron_io import load_checkpoint_model
 
-    model, meta, _ = load_checkpoint_model(ckpt, ProbeAttention)
+    model, meta, _ = load_checkpoint_model(ckpt, ProbeAttention, checksums)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), meta.arch

@@ -9,7 +9,8 @@ from megatron_focusft import flags
 
 
 def add_launch_args(p: argparse.ArgumentParser, tp_help: str) -> None:
-    """``--tp`` (``--tensor-model-parallel-size``), ``--device``, ``--fold-oversized-ids`` and ``--no-progress``."""
+    """``--tp`` (``--tensor-model-parallel-size``), ``--device``, ``--fold-oversized-ids``, ``--no-progress`` and
+    ``--no-verify-checksums``."""
     flags.add_parallel_flags(p, context=False, sequence=False, tp_help=tp_help)
     flags.add_device_flag(p, default="cpu", help="cuda: run under torchrun with --nproc-per-node = --tp")
     p.add_argument(
@@ -18,3 +19,4 @@ def add_launch_args(p: argparse.ArgumentParser, tp_help: str) -> None:
         help="fold token ids beyond the model's vocabulary modulo its size instead of failing (tiny test models)",
     )
     flags.add_progress_flag(p)
+    flags.add_verify_checksums_flag(p)

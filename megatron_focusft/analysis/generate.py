@@ -63,11 +63,12 @@ def lower_right_causal_attention(q, k, v, scale: float | None = None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
 
 
-def load_generation_model(ckpt, dtype: torch.dtype | None = None):
-    """(model, arch) of a megatron_focusft checkpoint built with :class:`CachedAttention` (collective)."""
+def load_generation_model(ckpt, dtype: torch.dtype | None = None, checksums: bool = True):
+    """(model, arch) of a megatron_focusft checkpoint built with :class:`CachedAttention` (collective);
+    ``checksums``: hash its files against its ``checksums.json`` first."""
     from megatron_focusft.convert.megatron_io import load_checkpoint_model
 
-    model, meta, _ = load_checkpoint_model(ckpt, CachedAttention)
+    model, meta, _ = load_checkpoint_model(ckpt, CachedAttention, checksums)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), meta.arch

@@ -7,15 +7,19 @@ A checkpoint folder::
       model/                    megatron.core.dist_checkpointing (global tensors: loads at any TP size)
       tokenizer/                the tokenizer files of the source checkpoint
       ...                       training adds optimizer/ scheduler/ RNG/ data position (training issue)
+      checksums.json            size and SHA-256 of every file (written last; see ``trust.py``)
 
 A training run's ``--save`` folder holds ``iter_0000100/`` style checkpoints and ``latest``; every reader
-goes through :func:`resolve_checkpoint`, so both kinds are accepted wherever a checkpoint is.
+goes through :func:`resolve_checkpoint`, so both kinds are accepted wherever a checkpoint is.  Every model
+read goes through :func:`load_model`, which checks the folder (:mod:`~megatron_focusft.convert.trust`: checksums,
+no pickle that runs code, every tensor's shape) before Megatron or torch open a file of it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +33,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
 from tqdm import tqdm
 
+from megatron_focusft.convert import trust
 from megatron_focusft.convert.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_tokenizer_files
 from megatron_focusft.convert.layout import (
     hf_shape,
@@ -43,6 +48,9 @@ from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model, h
 
 META_FILE = "focusft_checkpoint.json"
 LATEST_FILE = "latest"
+ITER_NAME = re.compile(r"iter_\d+")  # what ``latest`` may name: a folder of the save folder itself
+# What a model reader opens (and so what its checksums cover): the metadata, the weights, the tokenizer.
+MODEL_PARTS = (META_FILE, "model/", "tokenizer/")
 FORMAT_VERSION = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,7 +101,13 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     if (path / META_FILE).is_file():
         return path
     if (path / LATEST_FILE).is_file():
-        target = path / (path / LATEST_FILE).read_text().strip()
+        name = (path / LATEST_FILE).read_text().strip()
+        if not ITER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path / LATEST_FILE}: refused: it names {name[:80]!r}, not an iter_* folder of {path} (no path, "
+                "no '..')"
+            )
+        target = path / name
         if (target / META_FILE).is_file():
             return target
         raise ConfigError(f"{path / LATEST_FILE} points at {target}, which is not a checkpoint")
@@ -145,7 +159,8 @@ def _barrier() -> None:
 
 
 def save_model(model: GPTModel, ckpt_dir: Path, meta: CheckpointMeta) -> None:
-    """Write ``model`` (every rank's shards) and the metadata into ``ckpt_dir`` (collective)."""
+    """Write ``model`` (every rank's shards) and the metadata into ``ckpt_dir`` (collective).  The writer
+    of the whole checkpoint ends with :func:`seal_checkpoint` once every other file is in place."""
     (ckpt_dir / "model").mkdir(parents=True, exist_ok=True)
     prepare_checkpoint_writer()
     _barrier()
@@ -154,22 +169,42 @@ def save_model(model: GPTModel, ckpt_dir: Path, meta: CheckpointMeta) -> None:
         (ckpt_dir / META_FILE).write_text(meta.to_json())
 
 
-def load_model(model: GPTModel, ckpt_dir: Path) -> None:
-    """Load the model weights of checkpoint ``ckpt_dir`` into ``model`` (any TP size; collective)."""
+def seal_checkpoint(ckpt_dir: Path) -> None:
+    """Rank 0, once every rank has written its files: ``ckpt_dir/checksums.json`` (collective)."""
+    _barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        trust.write_checksums(ckpt_dir)
+
+
+def load_model(model: GPTModel, ckpt_dir: Path, checksums: bool = True) -> None:
+    """Load the model weights of checkpoint ``ckpt_dir`` into ``model`` (any TP size; collective).
+
+    First, before Megatron or torch open any file of it: the model files' sizes and (``checksums``) SHA-256
+    against ``checksums.json``, ``model/`` screened for pickles that would run code, and every tensor's global
+    shape compared with the model's (:mod:`~megatron_focusft.convert.trust`); a failure is a one-line
+    ``ConfigError`` naming the file or the tensor."""
     model_dir = ckpt_dir / "model"
     if not model_dir.is_dir():
         raise ConfigError(f"{ckpt_dir}: no model/ folder in this checkpoint")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir))
+    trust.verify_checksums(ckpt_dir, MODEL_PARTS, checksums)
+    metadata = trust.screen_dist_checkpoint(model_dir)
+    sharded = model.sharded_state_dict()
+    trust.check_shapes(sharded, metadata, model_dir)
+    state = dist_checkpointing.load(sharded, str(model_dir))
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint_model(ckpt: str | Path, core_attention: type) -> tuple[GPTModel, CheckpointMeta, Path]:
+def load_checkpoint_model(
+    ckpt: str | Path, core_attention: type, checksums: bool = True
+) -> tuple[GPTModel, CheckpointMeta, Path]:
     """(model, metadata, folder) of checkpoint ``ckpt`` (or a training ``--save`` folder's latest), built at
-    this process's TP size with ``core_attention`` in the checkpoint's dtype and loaded (collective)."""
+    this process's TP size with ``core_attention`` in the checkpoint's dtype and loaded (collective); the
+    files are checked (``checksums``: hashed too) before the metadata is read."""
     ckpt_dir = resolve_checkpoint(ckpt)
+    trust.verify_checksums(ckpt_dir, MODEL_PARTS, checksums)
     meta = CheckpointMeta.read(ckpt_dir)
     model = build_model(meta.arch, core_attention, params_dtype=meta.dtype, perform_initialization=False)
-    load_model(model, ckpt_dir)
+    load_model(model, ckpt_dir, checksums=False)  # hashed just above
     return model, meta, ckpt_dir
 
 

@@ -22,6 +22,7 @@ from megatron_focusft.convert.megatron_io import (
     fill_from_hf,
     load_checkpoint_model,
     save_model,
+    seal_checkpoint,
 )
 from megatron_focusft.models.qwen2 import ConfigError, Qwen2Arch, build_model, hf_token_ids, read_hf_config
 
@@ -50,6 +51,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, dtype: torch.dtype, progress: bo
         save_model(model, tmp, CheckpointMeta(arch, dtype, token_ids=hf_token_ids(config)))
         if rank0:
             copy_tokenizer_files(hf_dir, tmp / "tokenizer")
+        seal_checkpoint(tmp)
 
 
 def megatron_to_hf(
@@ -58,9 +60,11 @@ def megatron_to_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = True,
+    checksums: bool = True,
 ) -> None:
-    """Convert a megatron_focusft checkpoint (or a training run's latest) into a HF folder (TP=1)."""
-    model, meta, ckpt_dir = load_checkpoint_model(ckpt, DenseAttention)
+    """Convert a megatron_focusft checkpoint (or a training run's latest) into a HF folder (TP=1);
+    ``checksums``: hash its files against its ``checksums.json`` first."""
+    model, meta, ckpt_dir = load_checkpoint_model(ckpt, DenseAttention, checksums)
     export_hf(
         model,
         meta.arch,

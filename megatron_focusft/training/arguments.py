@@ -105,6 +105,7 @@ def _add_checkpoints_and_logs(g: argparse._ArgumentGroup) -> None:
         "--keep-checkpoints", type=int, default=_CKPT.keep_checkpoints, help="how many recent checkpoints to keep"
     )
     g.add_argument("--export-hf", type=Path, default=None, help="write a Hugging Face folder at the end")
+    flags.add_verify_checksums_flag(g)
     g.add_argument("--log-interval", type=int, default=_LOG.log_interval)
     g.add_argument(
         "--eval-interval", type=int, default=None, help="validation loss every N iterations (needs --valid-data-path)"
@@ -159,7 +160,15 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
             clip_grad=a.clip_grad,
         ),
         batch=BatchConfig(a.micro_batch_size, a.global_batch_size, a.epochs, a.train_iters, a.seed),
-        checkpoints=CheckpointConfig(a.load, a.save, a.save_interval, a.exit_interval, a.keep_checkpoints, a.export_hf),
+        checkpoints=CheckpointConfig(
+            a.load,
+            a.save,
+            a.save_interval,
+            a.exit_interval,
+            a.keep_checkpoints,
+            a.export_hf,
+            verify_checksums=not a.no_verify_checksums,
+        ),
         logging=LoggingConfig(a.log_interval, a.tensorboard_dir, a.wandb_project, progress=not a.no_progress),
         checks=DivergenceConfig(max_nonfinite_steps=a.max_nonfinite_steps, stop_on_anomaly=a.check_for_spiky_loss),
     )

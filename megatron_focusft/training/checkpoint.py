@@ -7,7 +7,13 @@ loadable.  The model part is the same format as the converter's output, so
 
 Resuming: :func:`find_resume` finds the checkpoint of ``--load``, :func:`read_train_state` reads its
 ``train_state.pt`` (once, in the plan), :func:`check_resume_compatible` refuses a resume whose run or schedule
-differ, and :func:`load_checkpoint` restores the optimizer, scheduler and RNG states from it.
+differ, and :func:`load_checkpoint` restores the optimizer, scheduler and RNG states from it.  Every torch file
+is read with ``weights_only=True`` (:func:`~megatron_focusft.convert.trust.torch_load`); the plan checks the
+whole checkpoint (checksums, pickles) before any of it is read.
+
+A new checkpoint is sealed (``checksums.json``) and checked as a reader would check it before it is published;
+only then does ``latest`` move to it and are older ones pruned, so ``--keep-checkpoints`` never removes the
+last checkpoint that loaded cleanly (the one the run resumed from) before a newer one is written and verified.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_focusft.convert import trust
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import LATEST_FILE, CheckpointMeta, latest_checkpoint, save_model
 from megatron_focusft.models.qwen2 import ConfigError
@@ -109,9 +116,12 @@ def find_resume(load: Path | None, save: Path | None) -> Path | None:
 
 
 def read_train_state(ckpt: Path) -> SavedTrainState:
-    """``ckpt/train_state.pt`` (written by :func:`save_checkpoint` on rank 0)."""
+    """``ckpt/train_state.pt`` (written by :func:`save_checkpoint` on rank 0; tensors and plain values only)."""
     try:
-        saved = torch.load(ckpt / TRAIN_STATE_FILE, weights_only=False)
+        saved = trust.torch_load(ckpt / TRAIN_STATE_FILE)
+    except ConfigError as e:
+        raise SetupError(str(e)) from None
+    try:
         return SavedTrainState(ckpt, TrainState(**saved["state"]), saved["scheduler"], saved.get("run", {}))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same error for the user
         raise SetupError(f"{ckpt / TRAIN_STATE_FILE}: unreadable ({e})") from None
@@ -144,9 +154,17 @@ def _rank0() -> bool:
 
 
 def _rng_state() -> dict:
+    """This process's RNG states in plain values and tensors (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "tracker": get_cuda_rng_tracker().get_states(),
     }
@@ -156,8 +174,18 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        keys = numpy_state["keys"].numpy().astype(np.uint32)
+        numpy_state = (
+            numpy_state["name"],
+            keys,
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_state)  # older checkpoints: the tuple of np.random.get_state() itself
     torch.set_rng_state(state["torch"])
     get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
@@ -206,6 +234,13 @@ def save_checkpoint(
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
                 copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
         dist.barrier()
+        outcome = [_seal_and_check(tmp, model) if _rank0() else None]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise trust.CheckpointError(
+                f"the checkpoint of iteration {state.iteration} failed its check after writing ({outcome[0]}); "
+                f"it was not published: {save_dir / LATEST_FILE} is unchanged and nothing was pruned"
+            )
     except BaseException:
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -214,6 +249,18 @@ def save_checkpoint(
         _publish(save_dir, tmp, name, replace, keep)
     dist.barrier()
     return final
+
+
+def _seal_and_check(tmp: Path, model: torch.nn.Module) -> str | None:
+    """Rank 0, once every file is written: ``checksums.json``, then the checks a reader makes (pickles, sizes,
+    every tensor's shape against ``model``); the reason it fails, or None."""
+    try:
+        trust.write_checksums(tmp)
+        screened = trust.check_checkpoint(tmp, checksums=False)  # just hashed
+        trust.check_shapes(model.sharded_state_dict(), screened["model"], tmp / "model")
+    except (ConfigError, OSError) as e:
+        return str(e)
+    return None
 
 
 def _publish(save_dir: Path, tmp: Path, name: str, replace: bool, keep: int) -> None:
@@ -245,8 +292,11 @@ def load_checkpoint(saved: SavedTrainState, model: torch.nn.Module, optimizer, s
         scheduler.load_state_dict(saved.scheduler)
     except AssertionError as e:
         raise SetupError(f"--load {ckpt_dir}: the learning-rate schedule differs from the checkpoint's ({e})") from None
-    optimizer.load(ckpt_dir, model)
     rank_file = ckpt_dir / "rank_state" / f"rank_{dist.get_rank():05d}.pt"
-    if rank_file.is_file():
-        _set_rng_state(torch.load(rank_file, weights_only=False))
+    try:  # the plan screened these files; a refusal here is the same one-line error
+        optimizer.load(ckpt_dir, model)
+        if rank_file.is_file():
+            _set_rng_state(trust.torch_load(rank_file))
+    except ConfigError as e:
+        raise SetupError(str(e)) from None
     return TrainState(**asdict(saved.state))

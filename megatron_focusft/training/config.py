@@ -56,6 +56,7 @@ class CheckpointConfig:
     exit_interval: int | None = None  # save and exit after this many iterations
     keep_checkpoints: int = 2
     export_hf: Path | None = None  # a Hugging Face folder written at the end
+    verify_checksums: bool = True  # hash the loaded checkpoint's files against its checksums.json
 
 
 @dataclass(frozen=True)

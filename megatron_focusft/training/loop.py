@@ -31,6 +31,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_focusft import runtime
 from megatron_focusft.bilevel import BilevelStep
 from megatron_focusft.config import FocuSFTConfig
+from megatron_focusft.convert import trust
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model
 from megatron_focusft.convert.writer_process import prepare_checkpoint_writer
@@ -148,7 +149,10 @@ def _build_model(plan: TrainPlan, device: torch.device) -> FocuSFTModel:
         perform_initialization=False,
         calculate_per_token_loss=True,  # DDP sums gradients; the loop normalises by the global batch
     ).to(device)
-    load_model(model, plan.source)
+    try:  # the plan checked the files (and hashed them); the pickles and tensor shapes are checked again here
+        load_model(model, plan.source, checksums=False)
+    except trust.CheckpointError as e:
+        raise SetupError(str(e)) from None
     return model
 
 
@@ -318,26 +322,33 @@ def _weights_finite(t: Trainer) -> bool:
     return not bool(bad.item())
 
 
-def _save(t: Trainer) -> bool:
-    """Write a checkpoint of this iteration (once); False, and nothing written, if a weight is not finite."""
+def _save(t: Trainer) -> str | None:
+    """Write a checkpoint of this iteration (once); why not, with nothing published, if a weight is not finite or
+    the written checkpoint fails its check; None when saved (or nothing to save)."""
     ckpt = t.train_config.checkpoints
     if ckpt.save is None or t.last_saved == t.state.iteration:
-        return True
+        return None
     if not _weights_finite(t):
-        return False
-    save_checkpoint(
-        ckpt.save,
-        t.state,
-        t.model,
-        t.optimizer,
-        t.scheduler,
-        replace(t.meta, iteration=t.state.iteration),
-        t.tokenizer_dir,
-        ckpt.keep_checkpoints,
-        t.run,
-    )
+        return (
+            f"a weight is not finite at iteration {t.state.iteration}; no checkpoint written, training stopped "
+            "(resume from the last checkpoint with a lower --lr or a --clip-grad)"
+        )
+    try:
+        save_checkpoint(
+            ckpt.save,
+            t.state,
+            t.model,
+            t.optimizer,
+            t.scheduler,
+            replace(t.meta, iteration=t.state.iteration),
+            t.tokenizer_dir,
+            ckpt.keep_checkpoints,
+            t.run,
+        )
+    except trust.CheckpointError as e:
+        return f"{e}; training stopped"
     t.last_saved = t.state.iteration
-    return True
+    return None
 
 
 def train(config: TrainConfig) -> int:
@@ -410,14 +421,11 @@ def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal) -> int:
 
 
 def _save_or_say(t: Trainer, logger: MetricsLogger) -> bool:
-    """Save this iteration; False (and the reason logged) where a weight is not finite."""
-    if _save(t):
-        return True
-    logger.message(
-        f"error: a weight is not finite at iteration {t.state.iteration}; no checkpoint written, training "
-        "stopped (resume from the last checkpoint with a lower --lr or a --clip-grad)"
-    )
-    return False
+    """Save this iteration; False (and the reason logged) where it could not be saved."""
+    error = _save(t)
+    if error is not None:
+        logger.message(f"error: {error}")
+    return error is None
 
 
 def main(argv: list[str] | None = None) -> int:

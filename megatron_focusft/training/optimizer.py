@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+from megatron_focusft.convert import trust
+
 Optimizer = Literal["adam", "sgd"]  # adam: AdamW (decoupled weight decay); sgd: plain SGD, no momentum
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 DecayStyle = Literal["cosine", "linear", "constant"]  # Megatron's OptimizerParamScheduler styles used here
@@ -100,7 +102,7 @@ class CpuOptimizer:
         path = ckpt_dir / "optimizer" / f"rank_{dist.get_rank():05d}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no optimizer state for this rank (was the parallel layout changed?)")
-        self.optimizer.load_state_dict(torch.load(path, weights_only=True))
+        self.optimizer.load_state_dict(trust.torch_load(path))  # weights_only
 
 
 def megatron_optimizer_config(config: OptimizationConfig, *, bf16: bool):
@@ -150,6 +152,7 @@ class GpuOptimizer:
         dist_checkpointing.save(sharded, str(ckpt_dir / "optimizer"))
 
     def load(self, ckpt_dir: Path, model: torch.nn.Module) -> None:
+        trust.screen_dist_checkpoint(ckpt_dir / "optimizer")  # before torch unpickles its .metadata
         sharded = self.optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
         self.optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt_dir / "optimizer")))
 

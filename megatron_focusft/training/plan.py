@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_focusft.config import FocuSFTConfigError
-from megatron_focusft.convert.megatron_io import CheckpointMeta, latest_checkpoint
+from megatron_focusft.convert import trust
+from megatron_focusft.convert.megatron_io import MODEL_PARTS, CheckpointMeta, latest_checkpoint
 from megatron_focusft.data.dataset import PackedDataset
 from megatron_focusft.models.qwen2 import ConfigError
 from megatron_focusft.training.checkpoint import (
@@ -216,7 +217,9 @@ def _check_seq_length(seq_length: int | None, headers: dict[str, tuple[str, dict
 
 def _read_model(config: TrainConfig, resumed: Path | None) -> tuple[Path, CheckpointMeta]:
     """The checkpoint whose weights the run loads (the resumed one, else the pretrained one) and its metadata,
-    checked against the layout and the FocuSFT settings."""
+    checked against the layout and the FocuSFT settings.  Its files are checked first, before any is read
+    (:func:`~megatron_focusft.convert.trust.check_checkpoint`: checksums, pickles): all of a resumed checkpoint,
+    the model part of a pretrained one."""
     source = resumed or config.model.pretrained_checkpoint
     if source is None:
         if config.checkpoints.load is not None:
@@ -225,8 +228,14 @@ def _read_model(config: TrainConfig, resumed: Path | None) -> tuple[Path, Checkp
             )
         raise SetupError("--pretrained-checkpoint is required unless --load resumes a run")
     tp = config.parallel.tensor_model_parallel_size
+    flag = "--load" if resumed is not None else "--pretrained-checkpoint"
     try:
         folder = latest_checkpoint(Path(source)) or Path(source)
+        try:
+            parts = None if resumed is not None else MODEL_PARTS
+            trust.check_checkpoint(folder, parts, checksums=config.checkpoints.verify_checksums)
+        except trust.CheckpointError as e:
+            raise SetupError(f"{flag} {config.checkpoints.load if resumed else source}: {e}") from None
         meta = CheckpointMeta.read(folder)
         meta.arch.check_tensor_parallel(tp)
         if config.parallel.sequence_parallel and tp == 1:
