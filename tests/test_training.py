@@ -568,3 +568,13 @@ def test_a_step_counts_the_tokens_and_flops_of_the_whole_global_batch(setup_file
     inputs = [dataset.micro_batch([i]) for i in packs]
     assert got["tokens"] == sum(int(dataset.pack_lengths()[i]) for i in packs)
     assert got["flops"] == pytest.approx(sum(sft_flops(arch, inp) for inp in inputs), rel=1e-12)
+
+
+def test_an_abbreviated_flag_is_refused_not_guessed(capsys):
+    """A Megatron-LM flag we lack must not silently become one we have: ``--tensorboard`` (not ours) was taken
+    as ``--tensorboard-dir`` by argparse's prefix matching."""
+    base = ["--pretrained-checkpoint", "c", "--data-path", "d", "--train-iters", "1"]
+    with pytest.raises(SystemExit) as e:
+        parse_args([*base, "--tensorboard", "runs"])
+    assert e.value.code == 2 and "unrecognized arguments: --tensorboard runs" in capsys.readouterr().err
+    assert parse_args([*base, "--tensorboard-dir", "runs"]).logging.tensorboard_dir == Path("runs")

@@ -26,7 +26,9 @@ from megatron_focusft.masks import MASK_MODES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--ckpt", required=True, help="megatron_focusft checkpoint (or a training --save folder)")
     p.add_argument("--compare", default=None, metavar="CKPT", help="a second checkpoint, side by side")
     p.add_argument("--data", required=True, metavar="PREFIX_OR_JSONL", help="conversations to analyse")

@@ -25,7 +25,9 @@ from megatron_focusft.models.qwen2 import ConfigError, get_preset, tiny_arch
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--preset", default="tiny", help="'tiny' or a Qwen2.5 preset, e.g. qwen2.5-1.5b")
     p.add_argument("--seq-length", default="4096", help="tokens per pack; several: 4k,8k,16k,32k")
     flags.add_device_flag(p, default="cuda" if torch.cuda.is_available() else "cpu")

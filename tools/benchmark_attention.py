@@ -18,7 +18,7 @@ import torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--lengths", default="4k,16k,32k,64k", help="sequence lengths, e.g. 4k,16k or 512")
     p.add_argument("--masks", default="causal,glm", help="mask modes: causal,glm")
     p.add_argument("--backend", default="flex,sdpa", help="flex, sdpa (flash causal), dense (bool mask)")

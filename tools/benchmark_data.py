@@ -81,7 +81,9 @@ def conversation(rng: random.Random, n_tokens: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--added-tokens", default="file", choices=["file", "qwen2.5"])
     p.add_argument("--conversations", type=int, default=300)

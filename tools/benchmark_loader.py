@@ -41,7 +41,9 @@ def synthetic_documents(pack_length: int, median: int, packs: int, seed: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--data", default=None, help="PREFIX of a packed dataset (default: write a synthetic one)")
     p.add_argument("--pack-length", type=int, default=131072)
     p.add_argument("--median-tokens", type=int, default=6000, help="synthetic documents' median length")

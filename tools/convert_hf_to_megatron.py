@@ -21,7 +21,9 @@ from megatron_focusft.models.qwen2 import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--hf-dir", type=Path, required=True, help="Hugging Face checkpoint folder (config.json)")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder (must not exist)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with (default 1)")

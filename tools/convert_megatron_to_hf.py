@@ -21,7 +21,9 @@ from megatron_focusft.models.qwen2 import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder or training --save folder")
     p.add_argument("--out", type=Path, required=True, help="output Hugging Face folder (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")

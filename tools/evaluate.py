@@ -26,7 +26,9 @@ from megatron_focusft.analysis.cli import add_launch_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="megatron_focusft checkpoint (or a training --save folder)")
     src.add_argument("--hf-dir", help="a Hugging Face folder (e.g. tools/convert_megatron_to_hf.py output)")

@@ -19,7 +19,9 @@ from megatron_focusft.models.random_hf import make_random_hf_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--preset", default="tiny", help="'tiny' or a Qwen2.5 preset name, e.g. qwen2.5-1.5b")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

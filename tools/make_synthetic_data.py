@@ -25,7 +25,9 @@ from megatron_focusft.data import synthetic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--num-conversations", type=int, default=1000, help="conversations (default 1000)")
     p.add_argument(

@@ -36,7 +36,9 @@ def _arch(args: argparse.Namespace) -> Qwen2Arch:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", default="qwen2.5-7b", help="a Qwen2.5 preset (qwen2.5-0.5b ... qwen2.5-72b)")
     model.add_argument("--hf-config", help="a Hugging Face config.json (or the folder holding it)")

@@ -37,7 +37,9 @@ USAGE_REASONS = ("bad_file", "exists", "write_failed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL / Parquet files")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="checkpoint folder with the tokenizer")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix")

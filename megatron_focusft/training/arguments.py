@@ -37,7 +37,8 @@ _CHECKS = DivergenceConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description="FocuSFT training on Megatron-Core")
+    # allow_abbrev=False: a Megatron-LM flag we lack (--tensorboard) must not be taken for one we have.
+    p = argparse.ArgumentParser(prog="train.py", description="FocuSFT training on Megatron-Core", allow_abbrev=False)
     p.add_argument("--config", type=Path, default=None, help="YAML file whose keys are these flags' names")
     _add_model_and_data(p.add_argument_group("model and data"))
     g = p.add_argument_group("parallelism")
