@@ -199,28 +199,16 @@ def test_one_run_per_save_folder(setup_files, tmp_path):
     try:
         _read_until(first, "step 1/")
         started = time.time()
-        second = subprocess.run(
-            [sys.executable, *_train_argv(ckpt, data, save, "--train-iters", "1")],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert second.returncode == 2, second.stdout + second.stderr
-        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        status, out = _run_to_end(_train_argv(ckpt, data, save, "--train-iters", "1"))
+        assert status == 2, out
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"--save {save} is in use by another run (pid {first.pid} on " in errors[0]
         assert time.time() - started < 60
     finally:
         first.kill()
         first.wait(timeout=30)
-    third = subprocess.run(
-        [sys.executable, *_train_argv(ckpt, data, save, "--train-iters", "1")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert third.returncode == 0, third.stdout + third.stderr
+    status, out = _run_to_end(_train_argv(ckpt, data, save, "--train-iters", "1"))
+    assert status == 0, out
 
 
 def _run_to_end(argv: list[str]) -> tuple[int, str]:
