@@ -187,3 +187,28 @@ def test_missing_or_inconsistent_files(written, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing metadata"):
         PackedDataset(str(tmp_path / "nothing"))
     assert all(os.path.exists(f) for f in dataset_files(prefix))
+
+
+def test_a_version_1_dataset_reads_the_same(written, tmp_path):
+    """Format 1 also stored block ids (``P.block_ids.bin/.idx``, derivable from the loss masks): such a
+    dataset reads as it did, its micro-batches equal to those of the same packs written as format 2."""
+    import json
+    import shutil
+
+    prefix, docs = written
+    old = str(tmp_path / "v1")
+    for src in dataset_files(prefix):
+        shutil.copy(src, old + src[len(prefix) :])
+    for suffix in (".bin", ".idx"):  # the block-id files of format 1 (their content is never read)
+        shutil.copy(prefix + ".loss_mask" + suffix, old + ".block_ids" + suffix)
+    meta = json.loads(open(old + ".json").read())
+    meta["version"] = 1
+    open(old + ".json", "w").write(json.dumps(meta))
+    new, v1 = PackedDataset(prefix), PackedDataset(old)
+    for i in range(len(new)):
+        a, b = new.micro_batch([i], pad_to=32), v1.micro_batch([i], pad_to=32)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.label_mask, b.label_mask)
+    meta["version"] = 3
+    open(old + ".json", "w").write(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 3 is not a packed dataset this version reads"):
+        PackedDataset(old)
