@@ -16,6 +16,15 @@ def megatron_cpu():
     runtime.destroy()
 
 
+@pytest.fixture(scope="module")
+def setup_files(tmp_path_factory):
+    """(a tiny pretrained checkpoint, a packed dataset of 40 documents), once per test module."""
+    from tests.training_fixtures import tiny_dataset, tiny_pretrained
+
+    root = tmp_path_factory.mktemp("train")
+    return tiny_pretrained(root), tiny_dataset(root / "data" / "train", num_docs=40)
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")

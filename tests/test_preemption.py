@@ -10,18 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from megatron_focusft import runtime
-from tests.training_fixtures import tiny_dataset, tiny_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def setup_files(tmp_path_factory) -> tuple[Path, str]:
-    root = tmp_path_factory.mktemp("preempt")
-    return tiny_pretrained(root), tiny_dataset(root / "data" / "train", num_docs=40)
 
 
 def _train_argv(ckpt: Path, data: str, save: Path, *extra: str) -> list[str]:

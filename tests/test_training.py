@@ -20,15 +20,9 @@ from megatron_focusft.training import loop
 from megatron_focusft.training.arguments import ArgumentError, parse_args
 from megatron_focusft.training.errors import SetupError
 from megatron_focusft.training.plan import plan
-from tests.training_fixtures import tiny_dataset, tiny_pretrained
+from tests.training_fixtures import tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def setup_files(tmp_path_factory) -> tuple[Path, str]:
-    root = tmp_path_factory.mktemp("train")
-    return tiny_pretrained(root), tiny_dataset(root / "data" / "train", num_docs=40)
 
 
 def _argv(ckpt: Path, data: str, out: Path, *extra: str) -> list[str]:
