@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -203,6 +204,16 @@ class FastWeightSlot:
 
     def __init__(self) -> None:
         self.active: FastWeights | None = None
+
+    @contextmanager
+    def holding(self, fast: FastWeights | None) -> Iterator[None]:
+        """``fast`` in place for the duration (the previous ones back after): a recomputed layer runs with
+        the fast weights of its own forward."""
+        previous, self.active = self.active, fast
+        try:
+            yield
+        finally:
+            self.active = previous
 
 
 def _sequence_offset(x: torch.Tensor, config: object) -> int:

@@ -24,8 +24,11 @@ _DEFAULTS = FocuSFTConfig()
 
 
 # --------------------------------------------------------------------------------------------- parallel layout
-def add_parallel_flags(p: Any, *, context: bool = True, sequence: bool = True, tp_help: str | None = None) -> None:
-    """``--tensor-model-parallel-size``/``--tp``, ``--context-parallel-size``/``--cp`` and ``--sequence-parallel``
+def add_parallel_flags(
+    p: Any, *, context: bool = True, sequence: bool = True, pipeline: bool = False, tp_help: str | None = None
+) -> None:
+    """``--tensor-model-parallel-size``/``--tp``, ``--context-parallel-size``/``--cp``, ``--sequence-parallel``
+    and (``pipeline``) ``--pipeline-model-parallel-size``/``--pp`` with Megatron's uneven-split flags
     (``p``: a parser or an argument group)."""
     p.add_argument(
         "--tensor-model-parallel-size",
@@ -52,6 +55,24 @@ def add_parallel_flags(p: Any, *, context: bool = True, sequence: bool = True, t
             action="store_true",
             help="split the activations outside attention along the tensor-parallel group",
         )
+    if pipeline:
+        p.add_argument(
+            "--pipeline-model-parallel-size",
+            "--pp",
+            dest="pipeline_model_parallel_size",
+            type=int,
+            default=1,
+            metavar="PP",
+            help="pipeline-parallel size (Megatron's 1F1B schedule; layers split evenly unless given below)",
+        )
+        for end in ("first", "last"):
+            p.add_argument(
+                f"--decoder-{end}-pipeline-num-layers",
+                type=int,
+                default=None,
+                metavar="N",
+                help=f"decoder layers on the {end} pipeline stage (uneven split; the rest split evenly)",
+            )
 
 
 def parallel_layout(args: argparse.Namespace) -> ParallelLayout:
@@ -60,6 +81,9 @@ def parallel_layout(args: argparse.Namespace) -> ParallelLayout:
         args.tensor_model_parallel_size,
         getattr(args, "context_parallel_size", 1),
         getattr(args, "sequence_parallel", False),
+        getattr(args, "pipeline_model_parallel_size", 1),
+        getattr(args, "decoder_first_pipeline_num_layers", None),
+        getattr(args, "decoder_last_pipeline_num_layers", None),
     )
 
 

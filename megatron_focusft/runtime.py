@@ -22,6 +22,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mp_random
 
+from megatron_focusft.pipeline.split import PipelineSplit
+
 Device = Literal["cuda", "cpu"]
 
 _CPU_SHIM_APPLIED = False
@@ -97,18 +99,36 @@ class ParallelLayout:
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    pipeline_model_parallel_size: int = 1
+    decoder_first_pipeline_num_layers: int | None = None  # Megatron's uneven split (None: even)
+    decoder_last_pipeline_num_layers: int | None = None
+
+    @property
+    def model_parallel_size(self) -> int:
+        """GPUs of one model replica: TP x CP x PP."""
+        return self.tensor_model_parallel_size * self.context_parallel_size * self.pipeline_model_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.tensor_model_parallel_size * self.context_parallel_size)
+        return world_size // self.model_parallel_size
+
+    def pipeline_split(self, num_layers: int) -> PipelineSplit:
+        """The layers of each pipeline stage for a model of ``num_layers``."""
+        return PipelineSplit(
+            num_layers,
+            self.pipeline_model_parallel_size,
+            self.decoder_first_pipeline_num_layers,
+            self.decoder_last_pipeline_num_layers,
+        )
 
     def validate(self, world_size: int) -> None:
-        model_parallel = self.tensor_model_parallel_size * self.context_parallel_size
-        if self.tensor_model_parallel_size < 1 or self.context_parallel_size < 1:
+        sizes = (self.tensor_model_parallel_size, self.context_parallel_size, self.pipeline_model_parallel_size)
+        if min(sizes) < 1:
             raise ValueError(f"parallel sizes must be >= 1, got {self}")
-        if world_size % model_parallel:
+        if world_size % self.model_parallel_size:
             raise ValueError(
                 f"world size {world_size} is not divisible by tensor-model-parallel-size "
-                f"{self.tensor_model_parallel_size} x context-parallel-size {self.context_parallel_size}"
+                f"{self.tensor_model_parallel_size} x context-parallel-size {self.context_parallel_size} x "
+                f"pipeline-model-parallel-size {self.pipeline_model_parallel_size}"
             )
 
 
@@ -146,6 +166,7 @@ def initialize(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         context_parallel_size=layout.context_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     set_seed(seed)

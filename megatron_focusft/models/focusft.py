@@ -82,6 +82,9 @@ class FocuSFTModel(GPTModel):
         self.real_vocab_size = real_vocab_size
         self.attention_backend, self.recompute = attention_backend, recompute
         self.loss_chunk_tokens = loss_chunk_tokens
+        # The global indices of the decoder layers this pipeline stage holds (all of them without PP).
+        first = self.decoder.layers[0].layer_number - 1 if len(self.decoder.layers) else 0
+        self.stage_layers = range(first, first + len(self.decoder.layers))
 
     # ---- one micro-batch's inputs ----------------------------------------------------------------------
 
@@ -133,17 +136,32 @@ class FocuSFTModel(GPTModel):
         """Token embeddings [t(/TP under SP), 1, h] (Megatron's embedding scatters the sequence under SP)."""
         return self.embedding(input_ids=x.tokens, position_ids=x.position_ids)
 
+    def local_layers(self, start: int = 0, stop: int | None = None) -> range:
+        """The layers of ``start .. stop - 1`` (global indices) that this pipeline stage holds."""
+        here = self.stage_layers
+        stop = here.stop if stop is None else stop
+        return range(max(start, here.start), max(min(stop, here.stop), max(start, here.start)))
+
     def run_layers(self, hidden: torch.Tensor, x: LayerInputs, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Decoder layers ``start .. stop - 1`` on ``hidden``; under ``full`` recompute each layer's activations
-        are recomputed in backward (non-reentrant: the inner loop's ``autograd.grad`` runs through it)."""
-        for layer in self.decoder.layers[start:stop]:
+        """Decoder layers ``start .. stop - 1`` (global indices; those this stage holds) on ``hidden``.
+
+        Under ``full`` recompute each layer's activations are recomputed in backward (non-reentrant: the
+        inner loop's ``autograd.grad`` runs through it), with the fast weights that were in place for its
+        forward: under a pipeline schedule another micro-batch's may be in place by then."""
+        offset = self.stage_layers.start
+        for i in self.local_layers(start, stop):
+            layer = self.decoder.layers[i - offset]
             if self.recompute == "full" and torch.is_grad_enabled():
-                hidden = checkpoint(
-                    lambda h, layer=layer: layer(hidden_states=h, **x.layer_kwargs)[0], hidden, use_reentrant=False
-                )
+                hidden = checkpoint(self._recomputed_layer, layer, self.slot.active, hidden, x, use_reentrant=False)
             else:
                 hidden, _ = layer(hidden_states=hidden, **x.layer_kwargs)
         return hidden
+
+    def _recomputed_layer(
+        self, layer: torch.nn.Module, fast: Any, hidden: torch.Tensor, x: LayerInputs
+    ) -> torch.Tensor:
+        with self.slot.holding(fast):
+            return layer(hidden_states=hidden, **x.layer_kwargs)[0]
 
     def token_losses(self, hidden: torch.Tensor, x: LayerInputs) -> torch.Tensor:
         """Cross entropy (fp32, vocab parallel) at ``x.loss_positions`` only; ``hidden`` is the last layer's output.
@@ -184,10 +202,11 @@ class FocuSFTModel(GPTModel):
     def weights_frozen(self, start: int, stop: int | None = None) -> Iterator[None]:
         """Layers ``start .. stop - 1`` compute no weight gradients inside (their Megatron linears then skip
         the weight-gradient GEMMs): for passes that differentiate only the fast weights."""
+        offset = self.stage_layers.start
         weights = [
             p
-            for layer in self.decoder.layers[start:stop]
-            for n, p in layer.named_parameters()
+            for i in self.local_layers(start, stop)
+            for n, p in self.decoder.layers[i - offset].named_parameters()
             if n.endswith("weight") and p.requires_grad
         ]
         for p in weights:

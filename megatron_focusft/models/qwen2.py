@@ -26,9 +26,13 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
 from megatron_focusft.models.norm import RMSNorm
 
@@ -213,6 +217,7 @@ def transformer_config(
     tensor_model_parallel_size: int = 1,
     sequence_parallel: bool = False,
     context_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool = False,
     perform_initialization: bool = True,
@@ -252,6 +257,8 @@ def transformer_config(
         tensor_model_parallel_size=tensor_model_parallel_size,
         sequence_parallel=sequence_parallel,
         context_parallel_size=context_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        pipeline_dtype=params_dtype,  # the dtype of the activations sent between stages
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
@@ -308,10 +315,12 @@ def block_spec(
     layer_spec_for: Callable[[int], ModuleSpec],
     final_norm: type = RMSNorm,
 ) -> TransformerBlockSubmodules:
-    """Per-layer specs (layer ``i`` -> ``layer_spec_for(i)``) plus the final norm."""
-    return TransformerBlockSubmodules(
-        layer_specs=[layer_spec_for(i) for i in range(config.num_layers)], layer_norm=final_norm
-    )
+    """Per-layer specs of this pipeline stage's layers (global layer ``i`` -> ``layer_spec_for(i)``) plus the
+    final norm.  Megatron builds every spec of a ``TransformerBlockSubmodules``, so the stage's slice is taken
+    here, with Megatron's own offset and count (even or uneven split)."""
+    offset = get_transformer_layer_offset(config)
+    layers = range(offset, offset + get_num_layers_to_build(config))
+    return TransformerBlockSubmodules(layer_specs=[layer_spec_for(i) for i in layers], layer_norm=final_norm)
 
 
 def build_gpt_model(
@@ -324,9 +333,14 @@ def build_gpt_model(
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> GPTModel:
     """The ``GPTModel`` (or ``model_class``, a subclass taking ``model_kwargs`` too) for ``arch``: RoPE (base
-    from the arch), tied or untied output layer."""
+    from the arch), tied or untied output layer; under pipeline parallelism this stage's part (the embedding
+    on the first stage, the final norm and output layer on the last)."""
+    from megatron.core import parallel_state
+
     return model_class(
         config=config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         transformer_layer_spec=spec,
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
@@ -365,6 +379,7 @@ def build_model(
         arch,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         use_cpu_initialization=True,

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML file whose keys are these flags' names")
     _add_model_and_data(p.add_argument_group("model and data"))
     g = p.add_argument_group("parallelism")
-    flags.add_parallel_flags(g)
+    flags.add_parallel_flags(g, pipeline=True)
     flags.add_device_flag(g, default=ModelConfig().device)
     _add_optimisation(p.add_argument_group("optimisation"))
     g = p.add_argument_group("FocuSFT")
