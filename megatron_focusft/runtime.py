@@ -65,7 +65,9 @@ def apply_cpu_shim() -> None:
 
     - ``torch.cuda.current_device`` returns the CPU device (RoPE and a few buffers are placed with it);
     - ``torch.cuda.synchronize`` / ``current_stream`` / ``Stream.wait_stream`` become no-ops;
-    - Megatron's model-parallel RNG tracker is replaced by :class:`CpuRNGStatesTracker`.
+    - Megatron's model-parallel RNG tracker is replaced by :class:`CpuRNGStatesTracker`;
+    - ``Tensor.cuda()`` keeps a CPU tensor where it is (CUDA is absent): Megatron moves the tied output
+      layer's copy of the embedding on the last pipeline stage with it before its first-to-last all-reduce.
     """
     global _CPU_SHIM_APPLIED
     if _CPU_SHIM_APPLIED:
@@ -86,6 +88,8 @@ def apply_cpu_shim() -> None:
     torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     _CPU_SHIM_APPLIED = True
 
 
