@@ -117,14 +117,40 @@ class BilevelStep:
     @torch.no_grad()
     def evaluate(self, inp: PackedInput) -> StepStats:
         """The outer loss of ``inp`` with the base weights alone: the standard forward with the run's attention
-        mask, no fast weights (no inner loop), no gradient."""
-        x = self.model.layer_inputs(inp, self.config.attention_mask)
-        hidden = self.model.run_layers(self.model.embed(x), x)
-        outer, documents = self._outer(self.model.token_losses(hidden, x), x, self._tokens_per_document(inp))
-        return StepStats(_sum_over_context_parallel(outer), _sum_over_context_parallel(documents))
+        mask, no fast weights (no inner loop), no gradient (a model with every layer)."""
+        return self.base_forward(inp)[1]
+
+    def base_forward(self, inp: PackedInput, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, StepStats]:
+        """This stage's standard forward (no fast weights): as :meth:`forward`, without the inner loop."""
+        model = self.model
+        x = model.layer_inputs(inp, self.config.attention_mask)
+        hidden = model.run_layers(model.embed(x) if hidden is None else hidden, x)
+        if not model.post_process:
+            return hidden, StepStats(torch.zeros(()))
+        outer, documents = self._outer(model.token_losses(hidden, x), x, self._tokens_per_document(inp))
+        return outer, StepStats(_sum_over_context_parallel(outer.detach()), _sum_over_context_parallel(documents))
 
     def __call__(self, inp: PackedInput, loss_scale: float, iteration: int = 0) -> StepStats:
-        """Forward, inner loop and outer backward (``loss_scale`` * outer loss sum) for one micro-batch.
+        """Forward, inner loop and outer backward (``loss_scale`` * outer loss sum) of one micro-batch on a
+        model with every layer (no pipeline; the training loop runs :meth:`forward` through Megatron's
+        schedules instead)."""
+        outer, stats = self.forward(inp, iteration)
+        (outer * loss_scale).backward()
+        return stats
+
+    def forward(
+        self,
+        inp: PackedInput,
+        iteration: int = 0,
+        hidden: torch.Tensor | None = None,
+        adapted: FastWeights | None = None,
+    ) -> tuple[torch.Tensor, StepStats]:
+        """This stage's forward of one micro-batch: (outer loss sum with its graph, stats) on the last
+        pipeline stage, (output hidden states, empty stats) on the others.
+
+        ``hidden``: the previous stage's output (None on the first stage: the embedding).  The inner loop runs
+        here when every fast layer is on this stage; where the fast layers span stages it has run before
+        (:mod:`megatron_focusft.schedule`) and ``adapted`` holds this stage's fast weights.
 
         Under context parallelism every CP rank runs this on its load-balanced share of the pack; the
         per-document losses are this rank's contributions (summed over CP for statistics and the finite
@@ -134,21 +160,45 @@ class BilevelStep:
         """
         model = self.model
         x = model.layer_inputs(inp, self.config.attention_mask)
-        per_token = self._tokens_per_document(inp)
-        hidden = model.run_layers(model.embed(x), x, 0, self.split)
-        stats = StepStats(torch.zeros(()))
-        if self.config.uses_fast_weights:
-            stats.adapted = self._inner_loop(inp, x, hidden.detach(), per_token, iteration, stats.inner_losses)
-            model.slot.active = stats.adapted
-        try:  # the fast weights stay in place through the backward: recomputed layers read them again
-            losses = model.token_losses(model.run_layers(hidden, x, self.split), x)
-            outer, documents = self._outer(losses, x, per_token)
-            (outer * loss_scale).backward()
-        finally:
-            model.slot.active = None
+        if hidden is None:
+            hidden = model.embed(x)
+        stats, start = StepStats(torch.zeros(())), 0
+        if self.inner_loop_here:
+            hidden = model.run_layers(hidden, x, 0, self.split)
+            per_token = self._tokens_per_document(inp)
+            adapted = self._inner_loop(inp, x, hidden.detach(), per_token, iteration, stats.inner_losses)
+            start = self.split
+        stats.adapted = adapted
+        with model.slot.holding(adapted):  # full recompute keeps each layer's own (run_layers)
+            hidden = model.run_layers(hidden, x, start)
+        if not model.post_process:
+            return hidden, stats
+        outer, documents = self._outer(model.token_losses(hidden, x), x, self._tokens_per_document(inp))
         stats.outer_loss_sum = _sum_over_context_parallel(outer.detach())
         stats.document_losses = _sum_over_context_parallel(documents.detach())
-        return stats
+        return outer, stats
+
+    @property
+    def inner_loop_here(self) -> bool:
+        """Whether the whole inner loop runs on this stage: every fast layer is here (always without PP)."""
+        layers = self.model.stage_layers
+        return self.config.uses_fast_weights and self.split in layers and self.model.fast_layers[-1] in layers
+
+    def initial_fast_weights(self, inp: PackedInput, x: LayerInputs, iteration: int) -> FastWeights:
+        """Fresh fast weights (B = 0, A drawn per document) of this stage's fast layers."""
+        cfg, model = self.config, self.model
+        tc = model.config
+        return FastWeights.initial(
+            layers=tuple(i for i in model.fast_layers if i in model.stage_layers),
+            targets=cfg.targets,
+            rank=cfg.lora_rank,
+            scale=cfg.lora_scale,
+            hidden_size=tc.hidden_size,
+            ffn_hidden_size=tc.ffn_hidden_size,
+            segments=x.segments,
+            document_keys=[(cfg.seed, iteration, *key) for key in inp.document_keys],
+            device=x.tokens.device,
+        )
 
     def _inner_loop(
         self,
@@ -159,47 +209,48 @@ class BilevelStep:
         iteration: int,
         inner_losses: list[torch.Tensor],
     ) -> FastWeights:
-        """K SGD steps on fresh fast weights (B = 0, A drawn per document) from the bottom's detached output;
-        appends each step's whole-pack per-document loss (before its update) to ``inner_losses``."""
-        cfg, model = self.config, self.model
-        tc = model.config
-        fast = FastWeights.initial(
-            layers=model.fast_layers,
-            targets=cfg.targets,
-            rank=cfg.lora_rank,
-            scale=cfg.lora_scale,
-            hidden_size=tc.hidden_size,
-            ffn_hidden_size=tc.ffn_hidden_size,
-            segments=x.segments,
-            document_keys=[(cfg.seed, iteration, *key) for key in inp.document_keys],
-            device=inner_input.device,
-        )
-        try:
-            with model.weights_frozen(self.split):
-                for _ in range(cfg.inner_steps):
-                    model.slot.active = fast.requires_grad_()
+        """K SGD steps on fresh fast weights from the bottom's detached output (every fast layer on this
+        stage); appends each step's whole-pack per-document loss (before its update) to ``inner_losses``."""
+        model = self.model
+        fast = self.initial_fast_weights(inp, x, iteration)
+        with model.weights_frozen(self.split):
+            for _ in range(self.config.inner_steps):
+                with model.slot.holding(fast.requires_grad_()):
                     losses = model.token_losses(model.run_layers(inner_input, x, self.split), x)
-                    _, documents = self._outer(losses, x, per_token)
-                    whole = _sum_over_context_parallel(documents.detach())
-                    inner_losses.append(whole)
-                    fast = self._inner_update(fast, documents, torch.isfinite(whole))
-                    # autograd.grad frees only the graph it ran through: drop the rest of this pass's
-                    # graph now, so no inner-pass activation lives on into the outer pass.
-                    del losses, documents
-        finally:
-            model.slot.active = None
+                _, documents = self._outer(losses, x, per_token)
+                whole = _sum_over_context_parallel(documents.detach())
+                inner_losses.append(whole)
+                finite = torch.isfinite(whole)
+                grads = self.fast_weight_grads(fast, documents[finite].sum())
+                fast = self.inner_update(fast, grads, finite)
+                # autograd.grad frees only the graph it ran through: drop the rest of this pass's
+                # graph now, so no inner-pass activation lives on into the outer pass.
+                del losses, documents
         return fast.detached()
 
-    def _inner_update(self, fast: FastWeights, doc_losses: torch.Tensor, finite: torch.Tensor) -> FastWeights:
+    @staticmethod
+    def fast_weight_grads(
+        fast: FastWeights, output: torch.Tensor, grad_output: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """d ``output`` / d (every tensor of ``fast``), in :meth:`FastWeights.tensors` order (zeros where unused)."""
+        return list(
+            torch.autograd.grad(
+                output,
+                [t for _, _, t in fast.tensors()],
+                grad_outputs=grad_output,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        )
+
+    def inner_update(self, fast: FastWeights, grads: list[torch.Tensor], finite: torch.Tensor) -> FastWeights:
         """One SGD step per document on its fast weights, each tensor's gradient clipped on its own.
 
-        ``doc_losses``: this rank's contributions; ``finite``: per document, whether its whole loss is.
+        ``grads``: this rank's contributions to the gradients of the finite documents' loss
+        (:meth:`fast_weight_grads`); ``finite``: per document, whether its whole loss is.
         """
         cfg = self.config
         entries = fast.tensors()
-        grads = torch.autograd.grad(
-            doc_losses[finite].sum(), [t for _, _, t in entries], allow_unused=True, materialize_grads=True
-        )
         # A document whose loss is not finite skips its step (its gradient is zeroed, NaNs included).
         grads = [torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, 0.0) for g in grads]
         if parallel_state.get_context_parallel_world_size() > 1:

@@ -53,7 +53,7 @@ class FocuSFTConfig:
         """Layers carrying fast weights: ``int(L * (1 - fraction)) .. L-1`` (18..27 of 28 at 0.35)."""
         return range(int(num_layers * (1 - self.layer_fraction)), num_layers)
 
-    def validate(self, *, hidden_size: int, ffn_hidden_size: int, pipeline_parallel_size: int = 1) -> None:
+    def validate(self, *, hidden_size: int, ffn_hidden_size: int) -> None:
         """Raise :class:`FocuSFTConfigError` naming the flag of the first bad setting."""
         if self.inner_steps < 0:
             raise FocuSFTConfigError(f"--focusft-inner-steps must be >= 0, got {self.inner_steps}")
@@ -93,9 +93,4 @@ class FocuSFTConfig:
             raise FocuSFTConfigError(
                 "--recompute-granularity selective recomputes our own core attention (dense, flex); with "
                 "--attention-backend te use --recompute-granularity full"
-            )
-        if self.uses_fast_weights and pipeline_parallel_size > 1:
-            raise FocuSFTConfigError(
-                "fast weights need the whole top of the model on one pipeline stage: "
-                f"--pipeline-model-parallel-size {pipeline_parallel_size} is not supported with --bilevel"
             )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mp_random
 
 from megatron_focusft.pipeline.split import PipelineSplit
@@ -60,6 +61,17 @@ class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
             torch.set_rng_state(orig)
 
 
+class _CpuZerosTorch:
+    """``torch`` for Megatron's pipeline schedules on a CPU-only process: ``zeros(device="cuda")`` on the CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
 def apply_cpu_shim() -> None:
     """Make Megatron-Core's CUDA-only calls harmless on a CPU-only process (idempotent).
 
@@ -67,7 +79,9 @@ def apply_cpu_shim() -> None:
     - ``torch.cuda.synchronize`` / ``current_stream`` / ``Stream.wait_stream`` become no-ops;
     - Megatron's model-parallel RNG tracker is replaced by :class:`CpuRNGStatesTracker`;
     - ``Tensor.cuda()`` keeps a CPU tensor where it is (CUDA is absent): Megatron moves the tied output
-      layer's copy of the embedding on the last pipeline stage with it before its first-to-last all-reduce.
+      layer's copy of the embedding on the last pipeline stage with it before its first-to-last all-reduce;
+    - Megatron's pipeline schedules make their token counter with ``torch.zeros(..., device="cuda")``: the
+      schedules module sees a ``torch`` whose ``zeros`` puts ``"cuda"`` tensors on the CPU.
     """
     global _CPU_SHIM_APPLIED
     if _CPU_SHIM_APPLIED:
@@ -90,6 +104,7 @@ def apply_cpu_shim() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+        schedules.torch = _CpuZerosTorch()  # type: ignore[assignment]
     _CPU_SHIM_APPLIED = True
 
 

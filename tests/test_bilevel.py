@@ -86,12 +86,5 @@ def test_a_step_whose_config_disagrees_with_the_built_model_is_refused(megatron_
     assert not any(layer.self_attention.core_attention.recompute for layer in model.decoder.layers)
 
 
-def test_fast_weights_split_over_pipeline_stages_is_an_error():
-    with pytest.raises(FocuSFTConfigError, match="--pipeline-model-parallel-size 2 is not supported"):
-        FocuSFTConfig().validate(hidden_size=64, ffn_hidden_size=160, pipeline_parallel_size=2)
-    # Plain SFT (K=0) has no fast weights to split.
-    FocuSFTConfig(inner_steps=0).validate(hidden_size=64, ffn_hidden_size=160, pipeline_parallel_size=2)
-
-
 def test_fast_layers_are_the_top_35_percent():
     assert list(FocuSFTConfig().fast_layers(28)) == list(range(18, 28))

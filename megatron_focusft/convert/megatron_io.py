@@ -36,6 +36,7 @@ from tqdm import tqdm
 from megatron_focusft.convert import trust
 from megatron_focusft.convert.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_tokenizer_files
 from megatron_focusft.convert.layout import (
+    LAYER_PREFIX,
     hf_shape,
     megatron_sources,
     to_hf,
@@ -189,9 +190,21 @@ def load_model(model: GPTModel, ckpt_dir: Path, checksums: bool = True) -> None:
     trust.verify_checksums(ckpt_dir, MODEL_PARTS, checksums)
     metadata = trust.screen_dist_checkpoint(model_dir)
     sharded = model.sharded_state_dict()
-    trust.check_shapes(sharded, metadata, model_dir)
+    trust.check_shapes(sharded, metadata, model_dir, _other_stages_keys(sharded))
     state = dist_checkpointing.load(sharded, str(model_dir))
     model.load_state_dict(state, strict=True)
+
+
+def _other_stages_keys(sharded: dict) -> set[str]:
+    """The checkpoint keys the other pipeline stages load (collective over the pipeline group)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return set()
+    keys: list[list[str] | None] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    # Lists of strings between this job's own ranks (no file is read).
+    dist.all_gather_object(
+        keys, sorted(trust.sharded_shapes(sharded)), group=parallel_state.get_pipeline_model_parallel_group()
+    )
+    return {k for stage in keys for k in stage or ()}
 
 
 def load_checkpoint_model(
@@ -231,19 +244,67 @@ def fill_from_hf(model: GPTModel, reader: HFCheckpointReader, dtype: torch.dtype
 
 
 def gathered_hf_tensors(model: GPTModel, arch: Qwen2Arch) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs of a model split over a TP group (collective over the group): parameters
-    are all-gathered and unsharded one at a time.  Fast weights and buffers are never exported."""
+    """(HF name, tensor) pairs of a model split over TP and PP (collective): each parameter is all-gathered
+    over its stage's TP group, unsharded, and sent to global rank 0 if another stage holds it, one at a
+    time.  Rank 0 gets every tensor; the other ranks get the ones their stage holds.  Fast weights and buffers
+    are never exported."""
     group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     params = dict(model.named_parameters())
     for name, sources in megatron_sources(arch):
-        local = params[name].detach()
-        dim = tp_partition_dim(name)
-        if dim is not None and tp > 1:
-            shards = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(shards, local.contiguous(), group=group)
-            local = tp_unshard(name, [s.cpu() for s in shards], dim)
-        yield from zip(sources, to_hf(name, local.cpu(), arch))
+        local_name = _stage_parameter_name(model, name)
+        full = None
+        if local_name is not None:
+            full = params[local_name].detach()
+            dim = tp_partition_dim(name)
+            if dim is not None and tp > 1:
+                shards = [torch.empty_like(full) for _ in range(tp)]
+                dist.all_gather(shards, full.contiguous(), group=group)
+                full = tp_unshard(name, [s.cpu() for s in shards], dim)
+        full = _to_rank0(full, model, held_here=local_name is not None)
+        if full is not None:
+            yield from zip(sources, to_hf(name, full.cpu(), arch))
+
+
+def _stage_parameter_name(model: GPTModel, name: str) -> str | None:
+    """This pipeline stage's name for global Megatron parameter ``name`` (layers are numbered per stage), or
+    None where another stage holds it."""
+    if name.startswith("embedding."):
+        return name if model.pre_process else None
+    if not name.startswith(LAYER_PREFIX):  # the final norm, the output layer
+        return name if model.post_process else None
+    index, rest = name[len(LAYER_PREFIX) :].split(".", 1)
+    first = model.decoder.layers[0].layer_number - 1
+    local = int(index) - first
+    return f"{LAYER_PREFIX}{local}.{rest}" if 0 <= local < len(model.decoder.layers) else None
+
+
+def _to_rank0(tensor: torch.Tensor | None, model: GPTModel, held_here: bool) -> torch.Tensor | None:
+    """``tensor`` from the pipeline stage that holds it to global rank 0 (point to point, shape first), along
+    rank 0's pipeline group; every other rank keeps what it has."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    ranks = dist.get_process_group_ranks(pp_group)
+    if ranks[0] != 0:  # not rank 0's pipeline: nothing to send
+        return tensor
+    rank, weight = dist.get_rank(), next(model.parameters())
+    holder = torch.tensor([rank if held_here else dist.get_world_size()], dtype=torch.long, device=weight.device)
+    dist.all_reduce(holder, op=dist.ReduceOp.MIN, group=pp_group)  # the (one) stage holding it
+    source = int(holder)
+    if source == 0 or rank not in (0, source):
+        return tensor
+    shape = torch.zeros(8, dtype=torch.long, device=weight.device)
+    if rank == source:
+        shape[0] = tensor.dim()
+        shape[1 : 1 + tensor.dim()] = torch.tensor(tensor.shape)
+        dist.send(shape, 0)
+        dist.send(tensor.to(weight.device).contiguous(), 0)
+        return tensor
+    dist.recv(shape, source)
+    buf = torch.empty(tuple(shape[1 : 1 + int(shape[0])].tolist()), dtype=weight.dtype, device=weight.device)
+    dist.recv(buf, source)
+    return buf
 
 
 def export_hf(

@@ -246,12 +246,10 @@ def _screen_byte_item(path: Path, key: str, offset: int, length: int) -> None:
             )
 
 
-def check_shapes(sharded_state_dict: dict, metadata: Any, folder: Path) -> None:
-    """Every tensor of the model's ``sharded_state_dict`` must be in the checkpoint (``metadata``) with the same
-    global shape, and the checkpoint must hold no other tensor; otherwise an error naming the tensor."""
+def sharded_shapes(sharded_state_dict: dict) -> dict[str, tuple[int, ...]]:
+    """The global shape of every tensor of a model's ``sharded_state_dict``, by checkpoint key."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     expected: dict[str, tuple[int, ...]] = {}
 
@@ -263,6 +261,16 @@ def check_shapes(sharded_state_dict: dict, metadata: Any, folder: Path) -> None:
                 expected[v.key] = tuple(v.global_shape)
 
     add(nested_values(sharded_state_dict))
+    return expected
+
+
+def check_shapes(sharded_state_dict: dict, metadata: Any, folder: Path, other_stages: Iterable[str] = ()) -> None:
+    """Every tensor of the model's ``sharded_state_dict`` must be in the checkpoint (``metadata``) with the same
+    global shape, and the checkpoint must hold no other tensor (``other_stages``: the keys the other pipeline
+    stages load); otherwise an error naming the tensor."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    expected = sharded_shapes(sharded_state_dict)
     stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     for key, shape in expected.items():
         if key in stored and stored[key] != shape:
@@ -270,7 +278,8 @@ def check_shapes(sharded_state_dict: dict, metadata: Any, folder: Path) -> None:
                 f"{folder}: tensor {key} has shape {list(stored[key])} in the checkpoint but {list(shape)} in the "
                 "model (a checkpoint of another model?); nothing was loaded"
             )
-    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected) - set(other_stages))
     for what, keys in (("lacks", missing), ("has unexpected", unexpected)):
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""

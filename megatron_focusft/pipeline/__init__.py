@@ -1,2 +1,2 @@
-"""Pipeline parallelism: which layers each stage holds (:mod:`.split`) and the bilevel step across stages
-(:mod:`.schedule`)."""
+"""Pipeline parallelism's accounting: which layers each stage holds (:mod:`.split`).  The bilevel step across
+stages is :mod:`megatron_focusft.schedule`."""

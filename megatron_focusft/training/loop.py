@@ -15,7 +15,6 @@ same gradient.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import time
@@ -40,6 +39,7 @@ from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.flops import peak_tflops, sft_flops
 from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
 from megatron_focusft.models.qwen2 import Qwen2Arch
+from megatron_focusft.schedule import PipelineStep
 from megatron_focusft.training.arguments import parse_args
 from megatron_focusft.training.checkpoint import RunIdentity, TrainState, load_checkpoint, save_checkpoint
 from megatron_focusft.training.config import TrainConfig
@@ -64,6 +64,7 @@ class Trainer:
     optimizer: object
     scheduler: OptimizerParamScheduler
     step: BilevelStep
+    pipeline: PipelineStep  # the step's micro-batches through Megatron's schedule (any PP size)
     loader: PackLoader
     state: TrainState
     train_iters: int
@@ -98,6 +99,7 @@ def setup(plan: TrainPlan) -> Trainer:
     state = load_checkpoint(plan.resume, model, optimizer, scheduler) if plan.resume else TrainState()
     loader = _build_loader(plan, state)
     tokenizer_dir = _stable_tokenizer_dir(plan.source / "tokenizer", cfg.checkpoints.save)
+    step = BilevelStep(model, cfg.focusft)
     return Trainer(
         train_config=cfg,
         arch=arch,
@@ -108,7 +110,8 @@ def setup(plan: TrainPlan) -> Trainer:
         ddp=ddp,
         optimizer=optimizer,
         scheduler=scheduler,
-        step=BilevelStep(model, cfg.focusft),
+        step=step,
+        pipeline=PipelineStep(step, ddp),
         loader=loader,
         state=state,
         train_iters=plan.schedule.train_iters,
@@ -148,6 +151,8 @@ def _build_model(plan: TrainPlan, device: torch.device) -> FocuSFTModel:
         sequence_parallel=cfg.parallel.sequence_parallel,
         perform_initialization=False,
         calculate_per_token_loss=True,  # DDP sums gradients; the loop normalises by the global batch
+        num_layers_in_first_pipeline_stage=cfg.parallel.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=cfg.parallel.decoder_last_pipeline_num_layers,
     ).to(device)
     try:  # the plan checked the files (and hashed them); the pickles and tensor shapes are checked again here
         load_model(model, plan.source, checksums=False)
@@ -237,18 +242,18 @@ def train_step(t: Trainer) -> dict[str, float]:
     dp_group = parallel_state.get_data_parallel_group()
     units = counts[:1].clone()
     dist.all_reduce(units, group=dp_group)
-    for i, inp in enumerate(inputs):
-        # DDP reduces gradients once, after the last micro-batch (with overlap on GPU: during its backward).
-        sync = contextlib.nullcontext() if i == len(inputs) - 1 else t.ddp.no_sync()
-        with sync:
-            stats = t.step(inp, loss_scale=1.0 / float(units), iteration=t.state.iteration)
+    # Megatron's schedule; DDP reduces gradients once, after the last micro-batch (with overlap on GPU:
+    # during its backward), in finalize_model_grads (which also sums a tied embedding's two copies).
+    step_stats = t.pipeline(inputs, loss_scale=1.0 / float(units), iteration=t.state.iteration)
+    for inp, stats in zip(inputs, step_stats):
         counts[1] += float(stats.outer_loss_sum)
         if stats.inner_losses:
             counts[2] += float(stats.inner_losses[0].sum())  # before adaptation, summed over documents
             counts[3] += float(stats.document_losses.sum())  # after (the outer pass), summed over documents
             counts[4] += inp.num_documents
         counts[5] += inp.num_tokens
-        counts[6] += sft_flops(t.arch, inp)  # one replica's (every TP/CP rank of it counts the same packs)
+        counts[6] += sft_flops(t.arch, inp)  # one replica's (every TP/CP/PP rank of it counts the same packs)
+    _losses_from_last_stage(counts[1:5])
     finalize_model_grads([t.ddp])
     updated, grad_norm, _ = t.optimizer.step()
     if updated:
@@ -273,6 +278,12 @@ def train_step(t: Trainer) -> dict[str, float]:
     return out
 
 
+def _losses_from_last_stage(sums: torch.Tensor) -> None:
+    """The last pipeline stage's loss sums on every stage (the others hold zeros), in place."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+
+
 def evaluate(t: Trainer) -> float:
     """Mean response-token loss of the validation packs with the current base weights: the standard forward
     with the run's attention mask, no fast weights (no inner loop), no gradient.  Every pack once, spread
@@ -285,11 +296,11 @@ def evaluate(t: Trainer) -> float:
     length = round_up(t.train_config.data.seq_length or t.valid.pack_length, pad_multiple(tp, cp, sp))
     per_sample = t.config.loss_reduction == "sample"
     sums = torch.zeros(2, dtype=torch.float64, device=t.device)  # loss sum, documents or tokens
-    for i in range(dp_rank, len(t.valid), dp):
-        inp = t.valid.micro_batch([i], pad_to=length).to(t.device)
-        stats = t.step.evaluate(inp)
+    inputs = [t.valid.micro_batch([i], pad_to=length).to(t.device) for i in range(dp_rank, len(t.valid), dp)]
+    for inp, stats in zip(inputs, t.pipeline.evaluate(inputs) if inputs else []):
         sums[0] += float(stats.outer_loss_sum)
         sums[1] += inp.num_documents if per_sample else inp.num_response_tokens
+    _losses_from_last_stage(sums[:1])
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     return float(sums[0] / sums[1])
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_focusft.convert import trust
 
@@ -71,13 +72,18 @@ class CpuOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def grad_norm(self) -> float:
-        """L2 norm of the whole model's gradient: TP-split tensors summed over ranks, duplicates once."""
+        """L2 norm of the whole model's gradient: TP-split tensors and pipeline stages summed over ranks,
+        TP duplicates and the last stage's copy of a tied embedding counted once."""
         sq = torch.zeros((), dtype=torch.float64)
         for p in self.params:
-            if p.main_grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            if p.main_grad is not None and param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p):
                 sq += p.main_grad.double().pow(2).sum()
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        for size, group in (
+            (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_group),
+            (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_group),
+        ):
+            if size > 1:
+                dist.all_reduce(sq, group=group())
         return float(sq.sqrt())
 
     def step(self) -> tuple[bool, float, None]:

@@ -22,6 +22,7 @@ from megatron_focusft.convert import trust
 from megatron_focusft.convert.megatron_io import MODEL_PARTS, CheckpointMeta, latest_checkpoint
 from megatron_focusft.data.dataset import PackedDataset
 from megatron_focusft.models.qwen2 import ConfigError
+from megatron_focusft.pipeline.split import PipelineSplitError
 from megatron_focusft.training.checkpoint import (
     RunIdentity,
     SavedTrainState,
@@ -127,11 +128,12 @@ def _rank0() -> bool:
 
 def _check_layout(config: TrainConfig, world_size: int) -> int:
     """The data-parallel size, once the layout, the backend and the batch sizes fit the world."""
-    tp, cp = config.parallel.tensor_model_parallel_size, config.parallel.context_parallel_size
-    if tp < 1 or world_size % (tp * cp):
+    layout = config.parallel
+    tp, cp, pp = layout.tensor_model_parallel_size, layout.context_parallel_size, layout.pipeline_model_parallel_size
+    if min(tp, cp, pp) < 1 or world_size % (tp * cp * pp):
         raise SetupError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
-            f"x --context-parallel-size {cp}"
+            f"x --context-parallel-size {cp} x --pipeline-model-parallel-size {pp}"
         )
     backend = config.focusft.attention_backend
     if cp > 1 and backend == "te":
@@ -238,10 +240,11 @@ def _read_model(config: TrainConfig, resumed: Path | None) -> tuple[Path, Checkp
             raise SetupError(f"{flag} {config.checkpoints.load if resumed else source}: {e}") from None
         meta = CheckpointMeta.read(folder)
         meta.arch.check_tensor_parallel(tp)
+        config.parallel.pipeline_split(meta.arch.num_layers).validate()
         if config.parallel.sequence_parallel and tp == 1:
             raise SetupError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         config.focusft.validate(hidden_size=meta.arch.hidden_size, ffn_hidden_size=meta.arch.ffn_hidden_size)
-    except (ConfigError, FocuSFTConfigError) as e:
+    except (ConfigError, FocuSFTConfigError, PipelineSplitError) as e:
         raise SetupError(str(e)) from None
     return folder, meta
 
