@@ -39,6 +39,6 @@ setup(
         "parquet": ["pyarrow>=14"],
         "analysis": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=14", "ruff>=0.5", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=14", "ruff>=0.5", "matplotlib>=3.7", "tensorboard>=2.14"],
     },
 )

@@ -217,14 +217,7 @@ def main(argv=None) -> int:
         args.markdown.write_text(md)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "model": args.ckpt or args.hf_dir,
-            "seed": args.seed,
-            "samples_per_cell": args.samples,
-            "dtype": results[0]["dtype"] if results else None,
-            "accuracy": {t: {str(n): a for n, a in by.items()} for t, by in table.items()},
-            "results": results,
-        }
+        doc = ev.results_document(args.ckpt or args.hf_dir, args.seed, args.samples, results)
         args.json.write_text(json.dumps(doc, indent=2))
     return 0
 

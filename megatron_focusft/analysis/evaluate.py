@@ -17,7 +17,14 @@ from tqdm import tqdm
 from megatron_focusft.analysis.prompts import check_token_ids, eos_ids, prompt_ids
 from megatron_focusft.analysis.tasks import MAX_NEW_TOKENS, max_new_tokens_for, score_sample
 
-__all__ = ["MAX_NEW_TOKENS", "accuracy_table", "evaluate", "markdown_table", "max_new_tokens_for"]
+__all__ = [
+    "MAX_NEW_TOKENS",
+    "accuracy_table",
+    "evaluate",
+    "markdown_table",
+    "max_new_tokens_for",
+    "results_document",
+]
 
 
 def evaluate(
@@ -62,6 +69,20 @@ def accuracy_table(results: list[dict]) -> dict[str, dict[int, float]]:
     for r in results:
         acc[r["task"]][r["length"]].append(r["score"])
     return {t: {n: 100.0 * sum(v) / len(v) for n, v in sorted(by.items())} for t, by in acc.items()}
+
+
+def results_document(model: str, seed: int, samples_per_cell: int, results: list[dict]) -> dict:
+    """What ``tools/evaluate.py --json`` writes: the accuracy table (lengths as strings: JSON keys) and every
+    sample's result.  Defined here, once, because ``tools/collect_runs.py`` reads it back."""
+    table = accuracy_table(results)
+    return {
+        "model": model,
+        "seed": seed,
+        "samples_per_cell": samples_per_cell,
+        "dtype": results[0]["dtype"] if results else None,
+        "accuracy": {t: {str(n): a for n, a in by.items()} for t, by in table.items()},
+        "results": results,
+    }
 
 
 def _length_name(n: int) -> str:
