@@ -204,3 +204,105 @@ def test_prediction_matches_cuda_peak(seq_length):
         assert measured == pytest.approx(predicted, rel=0.10), (measured / 2**20, predicted / 2**20)
     finally:
         runtime.destroy()
+
+
+# ---- (5) pipeline stages ----------------------------------------------------------------------------------
+
+
+def _built_stage_parameters(cases):
+    """On every rank of a PP=2 group: build each (arch, first, last) case's stage; all ranks' (stage, layers,
+    parameter count) per case."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_focusft.config import FocuSFTConfig
+    from megatron_focusft.models.focusft import build_focusft_model
+
+    mine = []
+    for arch, first, last in cases:
+        # The uneven split goes to Megatron's config here: build_focusft_model does not take it from the layout.
+        model = build_focusft_model(
+            arch,
+            FocuSFTConfig(attention_backend="dense"),
+            perform_initialization=False,
+            num_layers_in_first_pipeline_stage=first,
+            num_layers_in_last_pipeline_stage=last,
+        )
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        mine.append((stage, list(model.stage_layers), sum(p.numel() for p in model.parameters())))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def test_stage_parameters_equal_the_built_pp2_models():
+    from megatron_focusft import runtime
+    from megatron_focusft.models.qwen2 import tiny_arch
+
+    splits = [(None, None), (4, None), (None, 1)]
+    cases = [(tiny_arch(num_layers=6, tie_word_embeddings=tied), f, la) for tied in (False, True) for f, la in splits]
+    built = runtime.launch_cpu_processes(
+        _built_stage_parameters, 2, runtime.ParallelLayout(pipeline_model_parallel_size=2), (cases,)
+    )
+    for i, (arch, first, last) in enumerate(cases):
+        layout = mp.Layout(pp=2, first_stage_layers=first, last_stage_layers=last)
+        for stage, layers, count in (rank[i] for rank in built):
+            assert layers == list(layout.split(arch.num_layers).ranges()[stage])
+            plan = mp.plan(arch, layout, mp.Workload(seq_length=256), stage=stage, micro_batches=4)
+            assert plan["parameters"].bytes == 2 * count, (arch.tie_word_embeddings, first, last, stage)
+            assert plan["gradient buffer"].bytes == 4 * count and plan["optimizer state"].bytes == 12 * count
+    # a tied table is held twice once the output layer's stage is not the embedding's
+    tied = cases[3][0]
+    one = mp.parameter_count(tied)
+    two = sum(mp.parameter_count(tied, layers=3, first=s == 0, last=s == 1) for s in (0, 1))
+    assert two - one == tied.padded_vocab_size * tied.hidden_size
+
+
+def _stages(layout, micro_batches, **work):
+    return mp.pipeline_plan(QWEN7B, layout, mp.Workload(**work), micro_batches=micro_batches).stages
+
+
+def test_stage_s_keeps_the_graphs_of_min_p_minus_s_and_m_micro_batches():
+    layout = mp.Layout(tp=2, sequence_parallel=True, pp=4)  # 7 layers per stage
+    sft = [p["activations"].bytes for p in _stages(layout, 8, focusft=False)]
+    assert sft == pytest.approx([4 * sft[3], 3 * sft[3], 2 * sft[3], sft[3]], abs=4)
+    assert [p["activations"].bytes for p in _stages(layout, 2, focusft=False)] == pytest.approx(
+        [sft[3] * 2, sft[3] * 2, sft[3] * 2, sft[3]], abs=4
+    )
+    one = mp.plan(QWEN7B, mp.Layout(tp=2, sequence_parallel=True), mp.Workload(focusft=False))["activations"].bytes
+    assert sft[3] == pytest.approx(one / 4, abs=2)
+    stages = _stages(layout, 8, focusft=False)
+    assert ["output head" in p.to_dict()["components"] for p in stages] == [False, False, False, True]
+    assert all(p["pipeline buffers"].bytes > 0 for p in stages)
+    # without PP the pipeline plan is the one plan, as before
+    one_stage = mp.pipeline_plan(QWEN7B, mp.Layout(), mp.Workload())
+    assert one_stage.to_dict() == mp.plan(QWEN7B, mp.Layout(), mp.Workload()).to_dict()
+    assert "pipeline buffers" not in one_stage.to_dict()["components"]
+
+
+def test_local_fast_layers_run_the_one_stage_step_on_the_last_stage():
+    layout = mp.Layout(tp=2, sequence_parallel=True, pp=2)  # fast layers 18..27 all on stage 1 (14..27)
+    first, last = _stages(layout, 8)
+    whole = mp.plan(QWEN7B, mp.Layout(tp=2, sequence_parallel=True), mp.Workload())
+    assert last.description["stage"]["case"] == "local"
+    # the one-stage step's graph = stage 0's layers (of one micro-batch; it keeps two) + the last stage's
+    assert whole["activations"].bytes == pytest.approx(
+        first["activations"].bytes / 2 + last["activations"].bytes, abs=2
+    )
+    for name in ("fast weights", "output head"):
+        assert last[name] == whole[name] and name not in first.to_dict()["components"]
+
+
+def test_spanning_fast_stages_keep_every_micro_batchs_fast_weights():
+    layout = mp.Layout(tp=2, sequence_parallel=True, pp=4)  # fast layers 18..27: stage 2 holds 3, stage 3 all 7
+    stages = _stages(layout, 8)
+    one_copy = mp.fast_weight_bytes(QWEN7B, layout, mp.Workload(), layers=1)
+    assert [p.description["stage"]["fast_layers"] for p in stages] == [0, 0, 3, 7]
+    for p, n in zip(stages[2:], (3, 7)):
+        phase = p.description["stage"]["phase"]
+        copies = {"schedule": 8, "inner": 8 + 2}[phase]  # every micro-batch's adapted copy (+ the one adapting)
+        assert p["fast weights"].bytes == copies * n * one_copy
+    assert all("fast weights" not in p.to_dict()["components"] for p in stages[:2])
+    assert sum(mp.fast_weight_bytes(QWEN7B, layout, mp.Workload(), layers=n) for n in (3, 7)) == (
+        mp.fast_weight_bytes(QWEN7B, layout, mp.Workload())
+    )
