@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +16,7 @@ import torch
 
 from megatron_focusft import memory_plan as mp
 from megatron_focusft.models.qwen2 import PRESETS, ConfigError, Qwen2Arch, tp_partition_dim
+from megatron_focusft.pipeline import planner
 from tools import memory_plan as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,3 +308,110 @@ def test_spanning_fast_stages_keep_every_micro_batchs_fast_weights():
     assert sum(mp.fast_weight_bytes(QWEN7B, layout, mp.Workload(), layers=n) for n in (3, 7)) == (
         mp.fast_weight_bytes(QWEN7B, layout, mp.Workload())
     )
+
+
+def test_cli_prints_every_stage_and_the_predicted_step(capsys):
+    args = "--preset qwen2.5-7b --tp 2 --sequence-parallel --pp 2 --num-gpus 8".split()
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "PP=2 (even) DP=2 micro-batch=1 micro-batches=16" in out
+    assert "| component (GiB) | stage 0 | stage 1 |" in out and "peak: stage 0, fits in 80 GiB" in out
+    assert "| pipeline buffers |" in out and "1F1B (16 + 2 - 1)" in out
+    assert cli.main([*args, "--json", "--decoder-first-pipeline-num-layers", "16", "--micro-batches", "4"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [s["stage"]["layers"] for s in got["stages"]] == [[0, 15], [16, 27]]
+    assert got["stages"][0]["stage"]["in_flight"] == 2 and got["cost"]["micro_batches"] == 4
+    assert got["peak_gib"] == max(s["total_gib"] for s in got["stages"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pp", "3"], "--pipeline-model-parallel-size 3 does not divide the model's 28 layers"),
+        (["--pp", "2", "--decoder-first-pipeline-num-layers", "28"], "leave 0 of the model's 28 layers"),
+        (["--tp", "2", "--pp", "2", "--num-gpus", "6"], "--num-gpus 6 is not a multiple of TP*CP*PP = 4"),
+        (["--pp", "2", "--dp", "3"], "--global-batch-size 32 is not divisible by --micro-batch-size 1 x DP 3"),
+        (["--pp", "2", "--micro-batches", "0"], "--micro-batches must be >= 1"),
+    ],
+)
+def test_cli_bad_pipeline_layout_exits_2_with_one_line(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+# ---- (6) the layout search ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen72b_on_32():
+    return planner.suggest(PRESETS["qwen2.5-72b"], mp.Workload(seq_length=4096), num_gpus=32, gpu_memory_gib=80)
+
+
+def test_suggest_finds_a_72b_layout_on_32_gpus(qwen72b_on_32):
+    best = qwen72b_on_32.best
+    assert best is not None and best.layout.world_size == 32 and best.memory.fits
+    assert best.memory.peak.total_gib <= 80 and best.layout.pp > 1 and best.layout.tp == 8
+    steps = [f.cost.step_seconds for f in qwen72b_on_32.fits]
+    assert steps == sorted(steps) and all(f.memory.fits for f in qwen72b_on_32.fits)
+    # the plan and the cost of the best are what the single-layout plan says
+    again = mp.pipeline_plan(
+        PRESETS["qwen2.5-72b"], best.layout, mp.Workload(recompute=best.recompute), micro_batches=best.micro_batches
+    )
+    assert again.to_dict() == best.memory.to_dict() and best.micro_batches == 32 // best.layout.dp
+    # TP=8 x DP=4 holds the whole model on each GPU: 18 GiB bf16 + 36 GiB fp32 grads + 27 GiB of Adam
+    tp8 = [r for r in qwen72b_on_32.rejected if (r.tp, r.pp, r.cp, r.dp) == (8, 1, 1, 4)]
+    assert [r.recompute for r in tp8] == ["none", "selective", "full"]
+    assert all(
+        r.kind == "memory" and re.fullmatch(r"does not fit: \d+\.\d GiB on stage 0 > 80 GiB", r.reason) for r in tp8
+    )
+    text = qwen72b_on_32.to_markdown()
+    assert "| 1 | 8 |" in text and "| TP=8 PP=1 CP=1 DP=4 recompute=none | does not fit: " in text
+
+
+def test_suggest_rejects_layouts_with_their_reasons():
+    found = planner.suggest(QWEN7B, mp.Workload(seq_length=4104), num_gpus=24)  # 4104 = 8 x 513
+    reasons = {(r.kind, r.tp, r.pp, r.cp, r.dp): r.reason for r in found.rejected}
+    assert reasons[("tensor", 8, None, None, None)] == "tensor-parallel size 8 does not divide num_key_value_heads = 4"
+    assert (
+        reasons[("sequence", 1, None, 8, None)] == "context-parallel size 8 needs a sequence length divisible by 2*CP"
+    )
+    assert (
+        reasons[("sequence", 4, None, 4, None)]
+        == "sequence parallel: the per-CP-rank sequence is not divisible by TP=4"
+    )
+    assert reasons[("world", 1, 16, 1, None)] == "TP x CP x PP = 16 does not divide the 24 GPUs"
+    assert reasons[("pipeline", None, 24, None, None)].startswith("PP=24 does not divide the model's 28 layers")
+    assert reasons[("batch", 1, 1, 1, 24)] == "global batch 32 is not divisible by micro-batch 1 x DP 24"
+    for f in found.fits:  # what fits is a layout of the 24 GPUs that the plan and Megatron accept
+        mp.check(QWEN7B, f.layout, mp.Workload(seq_length=4104))
+        assert f.layout.world_size == 24 and 32 % (f.layout.dp * f.micro_batches) == 0
+
+
+def test_suggest_shell_line_evals_in_bash(capsys):
+    args = ["--shell", "--preset", "qwen2.5-7b", "--num-gpus", "8", "--seq-length", "4096"]
+    assert cli.main(args) == 0
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1
+    names = "TP PP CP DP SP RECOMPUTE FIRST_STAGE_LAYERS LAST_STAGE_LAYERS".split()
+    script = f'eval "$1"; echo {" ".join("${" + n + "-unset}" for n in names)}'
+    run = subprocess.run(["bash", "-c", script, "bash", line], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["2", "1", "1", "4", "1", "none"]  # 7B at 4K on 8 GPUs: TP=2, even (empty)
+    assert "FIRST_STAGE_LAYERS= LAST_STAGE_LAYERS=" in line
+    assert cli.main(["--shell", "--preset", "qwen2.5-72b", "--num-gpus", "32"]) == 0
+    assert capsys.readouterr().out.startswith("TP=8 PP=2 ")
+
+
+def test_suggest_exit_status_json_and_refused_flags(capsys):
+    assert cli.main(["--shell", "--preset", "qwen2.5-72b", "--num-gpus", "8"]) == 1  # 72B does not fit on 8 GPUs
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no layout of 8 GPUs fits qwen2.5-72b at S=4096 in 80 GiB") and "\n" not in err
+    assert cli.main(["--suggest", "--json", "--preset", "qwen2.5-0.5b", "--num-gpus", "4", "--no-bilevel"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["fits"][0]["step_seconds"] <= got["fits"][-1]["step_seconds"] and got["workload"]["focusft"] is False
+    assert {r["kind"] for r in got["rejected"]} <= set(planner.REJECTIONS)
+    for extra, flag in ((["--tp", "2"], "--tensor-model-parallel-size"), (["--recompute", "full"], "--recompute")):
+        assert cli.main(["--suggest", "--num-gpus", "8", *extra]) == 2
+        assert flag in capsys.readouterr().err
+    assert cli.main(["--suggest"]) == 2
+    assert "--suggest needs --num-gpus" in capsys.readouterr().err
