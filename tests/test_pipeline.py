@@ -73,3 +73,86 @@ def test_one_step_at_every_pipeline_layout_equals_a_single_stage(tied_files, tmp
     for name, (nprocs, flags) in layouts.items():
         got = _train(nprocs, _argv(ckpt, data, tmp_path / name, *SGD_ONE_STEP, *extra, *flags))
         _assert_same_step(start, ref, got, 1e-4, f"{method} {name}")
+
+
+def test_resume_at_pp2_is_bit_exact_and_its_checkpoints_export_at_pp1(tied_files, tmp_path):
+    """2 + 2 iterations with a resume at PP=2 end on the weights of 4 uninterrupted ones (bit for bit); the
+    PP=2 checkpoint, exported by the converter at PP=1, equals the PP=2 run's own export (bit for bit)."""
+    from tools import convert_megatron_to_hf
+
+    ckpt, data = tied_files
+    common = ["--train-iters", "4", "--lr", "1e-3", "--optimizer", "adam", *LAYOUTS["pp2"][1]]
+    full = _train(2, _argv(ckpt, data, tmp_path / "full", *common))
+    parts = tmp_path / "parts"
+    argv = _argv(ckpt, data, parts, *common, "--save", str(parts / "ckpt"), "--load", str(parts / "ckpt"))
+    assert runtime.launch_cpu_processes(loop.main, 2, args=([*argv, "--exit-interval", "2"],)) == 0
+    assert (parts / "ckpt" / "latest").read_text().strip() == "iter_0000002"
+    resumed = _train(2, argv)
+    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+    out = tmp_path / "exported"
+    assert convert_megatron_to_hf.main(["--ckpt", str(parts / "ckpt"), "--out", str(out), "--no-progress"]) == 0
+    exported = load_file(out / "model.safetensors")
+    assert set(exported) == set(resumed) and all(torch.equal(exported[k], resumed[k]) for k in exported)
+
+
+def test_a_pp2_tp2_checkpoint_exports_at_pp1_tp1_like_its_own_export(tied_files, tmp_path):
+    from tools import convert_megatron_to_hf
+
+    ckpt, data = tied_files
+    nprocs, flags = LAYOUTS["pp2-tp2-sp"]
+    live = _train(nprocs, _argv(ckpt, data, tmp_path, *SGD_ONE_STEP, *flags, "--save", str(tmp_path / "ckpt")))
+    out = tmp_path / "exported"
+    assert convert_megatron_to_hf.main(["--ckpt", str(tmp_path / "ckpt"), "--out", str(out), "--no-progress"]) == 0
+    exported = load_file(out / "model.safetensors")
+    assert set(exported) == set(live) and all(torch.equal(exported[k], live[k]) for k in exported)
+
+
+def _evaluate_worker(argv: list[str]) -> float:
+    from megatron_focusft.training.arguments import parse_args
+    from megatron_focusft.training.plan import plan
+
+    return loop.evaluate(loop.setup(plan(parse_args(argv))))
+
+
+def test_the_validation_loss_at_pp2_equals_pp1(tied_files, tmp_path):
+    ckpt, data = tied_files
+    valid = tiny_dataset(tmp_path / "valid", num_docs=9, seed=3)
+    argv = _argv(ckpt, data, tmp_path, "--train-iters", "1", "--valid-data-path", valid)
+    one = runtime.launch_cpu_processes(_evaluate_worker, 1, args=(argv,))
+    spanning = ["--pp", "2", "--decoder-first-pipeline-num-layers", "3", "--decoder-last-pipeline-num-layers", "1"]
+    for flags in (LAYOUTS["pp2"][1], spanning):
+        two = runtime.launch_cpu_processes(_evaluate_worker, 2, args=([*argv, *flags],))
+        assert two == pytest.approx(one, rel=1e-6), flags
+
+
+@pytest.mark.parametrize(
+    "flags, world, message",
+    [
+        (["--pp", "3"], 3, "--pipeline-model-parallel-size 3 does not divide the model's 4 layers"),
+        (
+            ["--pp", "2", "--decoder-first-pipeline-num-layers", "3", "--decoder-last-pipeline-num-layers", "2"],
+            2,
+            "--decoder-first-pipeline-num-layers 3 + --decoder-last-pipeline-num-layers 2 = 5, not the model's 4",
+        ),
+        (
+            ["--pp", "3", "--decoder-first-pipeline-num-layers", "2", "--decoder-last-pipeline-num-layers", "2"],
+            3,
+            "not every stage gets a layer",
+        ),
+        (["--pp", "2", "--decoder-first-pipeline-num-layers", "0"], 2, "leaves the first stage without layers"),
+        (["--decoder-first-pipeline-num-layers", "2"], 1, "need --pipeline-model-parallel-size > 1"),
+        (["--pp", "2", "--tp", "2"], 2, "world size 2 is not divisible by --tensor-model-parallel-size 2 x"),
+    ],
+)
+def test_bad_pipeline_layouts_are_one_line_errors_before_any_work(tied_files, flags, world, message):
+    import re
+
+    from megatron_focusft.training.arguments import parse_args
+    from megatron_focusft.training.errors import SetupError
+    from megatron_focusft.training.plan import plan
+
+    ckpt, data = tied_files
+    argv = ["--pretrained-checkpoint", str(ckpt), "--data-path", data, "--device", "cpu", "--train-iters", "1"]
+    with pytest.raises(SetupError, match=re.escape(message)) as e:
+        plan(parse_args([*argv, "--global-batch-size", "2", *flags]), world_size=world)
+    assert "\n" not in str(e.value)

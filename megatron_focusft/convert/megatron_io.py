@@ -190,12 +190,12 @@ def load_model(model: GPTModel, ckpt_dir: Path, checksums: bool = True) -> None:
     trust.verify_checksums(ckpt_dir, MODEL_PARTS, checksums)
     metadata = trust.screen_dist_checkpoint(model_dir)
     sharded = model.sharded_state_dict()
-    trust.check_shapes(sharded, metadata, model_dir, _other_stages_keys(sharded))
+    trust.check_shapes(sharded, metadata, model_dir, other_stages_keys(sharded))
     state = dist_checkpointing.load(sharded, str(model_dir))
     model.load_state_dict(state, strict=True)
 
 
-def _other_stages_keys(sharded: dict) -> set[str]:
+def other_stages_keys(sharded: dict) -> set[str]:
     """The checkpoint keys the other pipeline stages load (collective over the pipeline group)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return set()

@@ -32,7 +32,13 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_focusft.convert import trust
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
-from megatron_focusft.convert.megatron_io import LATEST_FILE, CheckpointMeta, latest_checkpoint, save_model
+from megatron_focusft.convert.megatron_io import (
+    LATEST_FILE,
+    CheckpointMeta,
+    latest_checkpoint,
+    other_stages_keys,
+    save_model,
+)
 from megatron_focusft.models.qwen2 import ConfigError
 from megatron_focusft.training.errors import SetupError
 
@@ -233,8 +239,9 @@ def save_checkpoint(
             torch.save(saved, tmp / TRAIN_STATE_FILE)
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
                 copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
+        other_stages = other_stages_keys(model.sharded_state_dict())  # collective
         dist.barrier()
-        outcome = [_seal_and_check(tmp, model) if _rank0() else None]
+        outcome = [_seal_and_check(tmp, model, other_stages) if _rank0() else None]
         dist.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
             raise trust.CheckpointError(
@@ -251,13 +258,14 @@ def save_checkpoint(
     return final
 
 
-def _seal_and_check(tmp: Path, model: torch.nn.Module) -> str | None:
+def _seal_and_check(tmp: Path, model: torch.nn.Module, other_stages: set[str]) -> str | None:
     """Rank 0, once every file is written: ``checksums.json``, then the checks a reader makes (pickles, sizes,
-    every tensor's shape against ``model``); the reason it fails, or None."""
+    every tensor's shape against ``model``; ``other_stages``: the other pipeline stages' tensors); the reason
+    it fails, or None."""
     try:
         trust.write_checksums(tmp)
         screened = trust.check_checkpoint(tmp, checksums=False)  # just hashed
-        trust.check_shapes(model.sharded_state_dict(), screened["model"], tmp / "model")
+        trust.check_shapes(model.sharded_state_dict(), screened["model"], tmp / "model", other_stages)
     except (ConfigError, OSError) as e:
         return str(e)
     return None
