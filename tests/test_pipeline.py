@@ -156,3 +156,49 @@ def test_bad_pipeline_layouts_are_one_line_errors_before_any_work(tied_files, fl
     with pytest.raises(SetupError, match=re.escape(message)) as e:
         plan(parse_args([*argv, "--global-batch-size", "2", *flags]), world_size=world)
     assert "\n" not in str(e.value)
+
+
+def test_sigusr1_at_pp2_saves_a_loadable_checkpoint(tied_files, tmp_path):
+    """SLURM's pre-emption signal to the last stage's process only: both stages stop after the same iteration
+    with one checkpoint, which the converter (PP=1) reads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_focusft.convert.megatron_io import CheckpointMeta, resolve_checkpoint
+    from tools import convert_megatron_to_hf
+
+    root = Path(__file__).resolve().parents[1]
+    ckpt, data = tied_files
+    save = tmp_path / "ckpt"
+    train = _argv(ckpt, data, tmp_path, "--train-iters", "100000", "--save", str(save), *LAYOUTS["pp2"][1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(root), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", WORLD_SIZE="2")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(runtime._free_port()))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-u", str(root / "tools" / "train.py"), *train],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    lines, deadline = [], time.time() + 120
+    for line in procs[0].stdout:  # rank 0 (the first stage) logs
+        lines.append(line)
+        if line.startswith("step 2/") or time.time() > deadline:
+            break
+    procs[1].send_signal(signal.SIGUSR1)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "".join(lines) + "\n".join(outs)
+    assert "stopped by a signal" in outs[0]
+    assert "pipeline: stage 0: layers 0-1, stage 1: layers 2-3; predicted per stage:" in "".join(lines)
+    found = resolve_checkpoint(save)
+    assert CheckpointMeta.read(found).iteration >= 2
+    out = tmp_path / "exported"
+    assert convert_megatron_to_hf.main(["--ckpt", str(save), "--out", str(out), "--no-progress"]) == 0
+    assert set(load_file(out / "model.safetensors")) == set(load_file(ckpt.parent / "hf" / "model.safetensors"))

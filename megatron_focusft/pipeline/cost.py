@@ -113,17 +113,17 @@ class PipelineCost:
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for s in self.stages:
-            inner = f"{s.inner_flops / 1e12:.2f}" if s.inner_flops else "-"
-            phase = f"{s.inner_seconds:.4f}" if spanning else "-"
+            inner = f"{s.inner_flops / 1e12:.3g}" if s.inner_flops else "-"
+            phase = f"{s.inner_seconds:.3g}" if spanning else "-"
             lines.append(
-                f"| {s.stage} | {s.layers.start}-{s.layers.stop - 1} | {s.fast_layers} | {s.forward_flops / 1e12:.2f} "
-                f"| {s.backward_flops / 1e12:.2f} | {inner} | {s.seconds:.4f} | {phase} |"
+                f"| {s.stage} | {s.layers.start}-{s.layers.stop - 1} | {s.fast_layers} | {s.forward_flops / 1e12:.3g} "
+                f"| {s.backward_flops / 1e12:.3g} | {inner} | {s.seconds:.3g} | {phase} |"
             )
         m, p = self.micro_batches, len(self.stages)
         slowest = self.stages[self.slowest_stage]
         lines.append(
-            f"\npredicted step {self.step_seconds:.3f} s: 1F1B ({m} + {p} - 1) x {slowest.seconds:.4f} s "
-            f"(stage {slowest.stage}, the slowest) + inner phase {self.inner_phase_seconds:.3f} s; bubble "
+            f"\npredicted step {self.step_seconds:.3g} s: 1F1B ({m} + {p} - 1) x {slowest.seconds:.3g} s "
+            f"(stage {slowest.stage}, the slowest) + inner phase {self.inner_phase_seconds:.3g} s; bubble "
             f"{self.bubble:.1%}, imbalance {self.imbalance:.2f}; per GPU and micro-batch, at an assumed "
             f"{self.achieved_tflops:.0f} TFLOP/s per GPU; communication not modelled"
         )

@@ -37,8 +37,10 @@ from megatron_focusft.convert.writer_process import prepare_checkpoint_writer
 from megatron_focusft.data.dataset import PackedDataset, PackLoader
 from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.flops import peak_tflops, sft_flops
+from megatron_focusft.memory_plan import Layout, Workload
 from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
 from megatron_focusft.models.qwen2 import Qwen2Arch
+from megatron_focusft.pipeline.cost import pipeline_cost
 from megatron_focusft.schedule import PipelineStep
 from megatron_focusft.training.arguments import parse_args
 from megatron_focusft.training.checkpoint import RunIdentity, TrainState, load_checkpoint, save_checkpoint
@@ -375,6 +377,8 @@ def train(config: TrainConfig) -> int:
         save_dir=config.checkpoints.save,
         run_config=config.to_dict(),
     )
+    if config.parallel.pipeline_model_parallel_size > 1 and dist.get_rank() == 0:
+        logger.message(_predicted_pipeline(t))
     try:
         return _run(t, logger, stop)
     finally:
@@ -382,6 +386,39 @@ def train(config: TrainConfig) -> int:
         if t.save_lock is not None:
             t.save_lock.release()
         runtime.destroy()
+
+
+def _predicted_pipeline(t: Trainer) -> str:
+    """Each stage's predicted time per micro-batch and the step's (``megatron_focusft.pipeline.cost``), for the
+    run's layout and the first pack's documents and response share: the pipeline's imbalance before step 1."""
+    cfg, focusft = t.train_config, t.config
+    layout = cfg.parallel
+    first = t.loader.dataset.micro_batch([0], pad_to=t.loader.sequence_length)
+    plan_layout = Layout(
+        tp=layout.tensor_model_parallel_size,
+        cp=layout.context_parallel_size,
+        dp=layout.data_parallel_size(dist.get_world_size()),
+        sequence_parallel=layout.sequence_parallel,
+        micro_batch_size=cfg.batch.micro_batch_size,
+        pp=layout.pipeline_model_parallel_size,
+        first_stage_layers=layout.decoder_first_pipeline_num_layers,
+        last_stage_layers=layout.decoder_last_pipeline_num_layers,
+    )
+    work = Workload(
+        seq_length=t.loader.sequence_length,
+        recompute=focusft.recompute or "none",
+        attention_backend=focusft.attention_backend if focusft.attention_backend != "te" else "flex",
+        focusft=focusft.uses_fast_weights,
+        inner_steps=focusft.inner_steps,
+        layer_fraction=focusft.layer_fraction,
+        lora_rank=focusft.lora_rank,
+        documents_per_pack=first.num_documents,
+        response_fraction=first.num_response_tokens / first.num_tokens,
+        targets=tuple(focusft.targets),
+        loss_chunk_tokens=focusft.loss_chunk_tokens,
+    )
+    cost = pipeline_cost(t.arch, plan_layout, work, t.micro_batches)
+    return f"pipeline: {layout.pipeline_split(t.arch.num_layers).describe()}; predicted per stage:\n{cost.table()}"
 
 
 def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal) -> int:
