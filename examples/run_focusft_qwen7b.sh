@@ -10,14 +10,18 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.log
 #
-# FocuSFT (bilevel long-context SFT) of Qwen2.5-7B with Megatron-Core: under SLURM one srun task per GPU
-# (8 per node, no torchrun: RANK/WORLD_SIZE/LOCAL_RANK come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID);
-# without SLURM one torchrun --standalone here.
+# FocuSFT (bilevel long-context SFT) of a Qwen2.5 model (MODEL, Qwen2.5-7B by default) with Megatron-Core: under
+# SLURM one srun task per GPU (8 per node, no torchrun: RANK/WORLD_SIZE/LOCAL_RANK come from SLURM_PROCID/
+# SLURM_NTASKS/SLURM_LOCALID); without SLURM one torchrun --standalone here.
 #
 #   sbatch examples/run_focusft_qwen7b.sh                          # the paper's 4K recipe on 1 node
 #   SCALE=32k sbatch --nodes=2 examples/run_focusft_qwen7b.sh      # 32K context (TP=4, CP=2, SP, selective)
 #   SCALE=128k sbatch --nodes=4 examples/run_focusft_qwen7b.sh     # 128K context (TP=4, CP=8, SP, selective)
-#   DRY_RUN=1 bash examples/run_focusft_qwen7b.sh                  # print the commands, run nothing
+#   MODEL=qwen2.5-72b sbatch --nodes=4 examples/run_focusft_qwen7b.sh  # 72B, 4K on 32 GPUs: the planner's layout
+#                                                                  # (TP=8, SP, PP=2 with 50 + 30 layers, CP=2)
+#   MODEL=qwen2.5-72b sbatch --nodes=8 examples/run_focusft_qwen7b.sh  # 72B, 4K on 64 GPUs (TP=8, SP, CP=4, DP=2)
+#   MODEL=qwen2.5-72b TP=8 PP=2 CP=2 RECOMPUTE=none FIRST_STAGE_LAYERS=47 sbatch --nodes=4 ...  # your layout
+#   DRY_RUN=1 bash examples/run_focusft_qwen7b.sh                  # print the layout and the commands, run nothing
 #   bash examples/run_focusft_qwen7b.sh                            # no SLURM: torchrun --standalone here
 #
 # Submit from the repository root (SLURM runs a copy of this script; the repository is $SLURM_SUBMIT_DIR),
@@ -53,13 +57,25 @@
 #   (the packs must be exactly SEQ_LENGTH long: one preprocessed data set per SCALE)
 #
 # Environment variables (default in brackets):
-#   SCALE            4k | 32k | 128k: sequence length and parallel layout [4k]
-#   PRETRAINED       converted Megatron checkpoint folder [$REPO_DIR/checkpoints/qwen2.5-7b-megatron]
+#   MODEL            qwen2.5-{0.5b,1.5b,3b,7b,14b,32b,72b}: the model [qwen2.5-7b]
+#   SCALE            4k | 32k | 128k: sequence length (and, for qwen2.5-7b, the preset layout) [4k]
+#   LAYOUT           preset: qwen2.5-7b's tested layout per SCALE (below); auto: ask the planner,
+#                    tools/memory_plan.py --shell, for the fastest layout of NNODES x GPUS_PER_NODE GPUs that
+#                    fits GPU_MEMORY_GIB at SEQ_LENGTH, planned for FocuSFT even when BILEVEL=0 (so SFT and
+#                    FocuSFT of one model share a layout) [preset for qwen2.5-7b, auto for the others]
+#   GPU_MEMORY_GIB   memory per GPU the planner fills [80]
+#   PRETRAINED       converted Megatron checkpoint folder [$REPO_DIR/checkpoints/$MODEL-megatron]
 #   DATA_PATH        preprocessed data prefix [$REPO_DIR/data/focusft-$SEQ_LENGTH]
-#   SAVE_DIR         checkpoints of this run, also where it resumes from [$REPO_DIR/runs/focusft-qwen7b-$SCALE]
-#   TP, CP           tensor / context parallel sizes [per SCALE, below]
-#   SP               1: sequence parallel (needs TP > 1) [per SCALE]
-#   RECOMPUTE        none | selective | full activation recomputation [per SCALE]
+#   SAVE_DIR         checkpoints of this run, also where it resumes from
+#                    [$REPO_DIR/runs/focusft-qwen<size>-$SCALE, e.g. runs/focusft-qwen7b-4k]
+#   The layout: each of the next variables you set wins over the preset's or the planner's value (the
+#   planner is not asked when TP, PP, CP and RECOMPUTE are all set); the log says where each one came from.
+#   TP, PP, CP       tensor / pipeline / context parallel sizes [preset: per SCALE, PP=1; auto: the planner's]
+#   FIRST_STAGE_LAYERS, LAST_STAGE_LAYERS   decoder layers on the first / last pipeline stage (PP > 1;
+#                    --decoder-first/last-pipeline-num-layers), empty: Megatron's even split; set, even to
+#                    empty, they win [the planner's split when PP is the planner's PP, else empty]
+#   SP               1: sequence parallel (needs TP > 1) [preset: per SCALE; auto: the planner's; else 1]
+#   RECOMPUTE        none | selective | full activation recomputation [preset: per SCALE; auto: the planner's]
 #   SEQ_LENGTH       tokens per packed sequence [per SCALE: 4096, 32768, 131072]
 #   MICRO_BATCH      packed sequences per GPU per micro step [1]
 #   GLOBAL_BATCH     packed sequences per optimizer step [32]
@@ -80,7 +96,7 @@
 #   CPUS_PER_TASK    CPU cores per task (= per GPU) under SLURM [$SLURM_CPUS_ON_NODE / GPUS_PER_NODE, at least 1]
 #   SHUTDOWN_TIMEOUT seconds torchrun (no-SLURM path) lets workers save after a signal before SIGKILL [900]
 #   TORCHRUN_SIGNAL_FLAGS  1: pass those two torchrun options; 0 for an older torchrun without them [1]
-#   PYTHON           interpreter of the SLURM tasks [python]
+#   PYTHON           interpreter of the SLURM tasks and of the planner [python]
 #   DRY_RUN          1: print the environment and the exact launch command instead of running it [0]
 set -euo pipefail
 
@@ -99,12 +115,25 @@ else
 fi
 DRY_RUN=${DRY_RUN:-0}
 
-# --------------------------------------------------------------------------------------------- scale
-# Parallel layout for Qwen2.5-7B on 80 GB GPUs, per context length. Memory plan (tools/memory_plan.py,
-# predicted GiB per GPU for FocuSFT, bf16, distributed optimizer; details in BENCHMARKS.md):
+# --------------------------------------------------------------------------------------------- model, scale
+KNOWN_MODELS=(qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b)
+MODEL=${MODEL:-qwen2.5-7b}
+MODEL=${MODEL,,}
+known=0
+for m in "${KNOWN_MODELS[@]}"; do
+    if [[ "$m" == "$MODEL" ]]; then known=1; fi
+done
+((known)) || die "unknown MODEL='$MODEL' (presets: ${KNOWN_MODELS[*]})"
+MODEL_NAME="Qwen${MODEL#qwen}" # qwen2.5-72b -> Qwen2.5-72B
+MODEL_NAME=${MODEL_NAME%b}B
+MODEL_TAG="qwen${MODEL#qwen2.5-}" # qwen2.5-7b -> qwen7b (run folder names)
+
+# The tested layout of Qwen2.5-7B on 80 GB GPUs, per context length (LAYOUT=preset). Memory plan
+# (tools/memory_plan.py, predicted GiB per GPU for FocuSFT, bf16, distributed optimizer; details in BENCHMARKS.md):
 #   4k:   TP=2, SP, no recompute          52.5 GiB   (1 node)
 #   32k:  TP=4, CP=2, SP, selective       51.2 GiB   (2 nodes)
 #   128k: TP=4, CP=8, SP, selective       49.9 GiB   (4 nodes; TP=8 cannot split the 4 KV heads of 7B)
+# Other models (and LAYOUT=auto) take the planner's layout, in "layout" below.
 SCALE=${SCALE:-4k}
 case "${SCALE,,}" in
     4k)  # the paper's setting
@@ -117,21 +146,32 @@ case "${SCALE,,}" in
         die "unknown SCALE='$SCALE' (expected 4k, 32k or 128k)" ;;
 esac
 SCALE=${SCALE,,}
+if [[ "$MODEL" == qwen2.5-7b ]]; then def_layout=preset; else def_layout=auto; fi
+LAYOUT=${LAYOUT:-$def_layout}
+case "$LAYOUT" in preset | auto) ;; *) die "LAYOUT='$LAYOUT' must be preset or auto" ;; esac
+[[ "$LAYOUT" == auto || "$MODEL" == qwen2.5-7b ]] ||
+    die "LAYOUT=preset: only MODEL=qwen2.5-7b has preset layouts (MODEL=$MODEL: use LAYOUT=auto or set TP, PP, CP, RECOMPUTE)"
+# Who set each layout variable: the user (set in the environment; the split variables even when empty), else
+# the preset, the planner or a default (filled in below).
+declare -A FROM=()
+for v in TP PP CP SP RECOMPUTE; do
+    if [[ -n "${!v:-}" ]]; then FROM[$v]=user; fi
+done
+for v in FIRST_STAGE_LAYERS LAST_STAGE_LAYERS; do
+    if [[ -n "${!v+set}" ]]; then FROM[$v]=user; fi
+done
 SEQ_LENGTH=${SEQ_LENGTH:-$def_seq}
-TP=${TP:-$def_tp}
-CP=${CP:-$def_cp}
-SP=${SP:-$def_sp}
-RECOMPUTE=${RECOMPUTE:-$def_recompute}
 MICRO_BATCH=${MICRO_BATCH:-1}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MASTER_PORT=${MASTER_PORT:-29500}
+GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80}
 
 # --------------------------------------------------------------------------------------------- paths
-PRETRAINED=${PRETRAINED:-$REPO_DIR/checkpoints/qwen2.5-7b-megatron}
+PRETRAINED=${PRETRAINED:-$REPO_DIR/checkpoints/$MODEL-megatron}
 DATA_PATH=${DATA_PATH:-$REPO_DIR/data/focusft-$SEQ_LENGTH}
-SAVE_DIR=${SAVE_DIR:-$REPO_DIR/runs/focusft-qwen7b-$SCALE}
+SAVE_DIR=${SAVE_DIR:-$REPO_DIR/runs/focusft-$MODEL_TAG-$SCALE}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$SAVE_DIR/tensorboard}
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -154,25 +194,133 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}
 TORCHRUN_SIGNAL_FLAGS=${TORCHRUN_SIGNAL_FLAGS:-1}
 PYTHON=${PYTHON:-python}
 
+# FocuSFT's knobs (the paper's): given to tools/train.py and to the planner
+INNER_STEPS=2
+INNER_LR=1.0
+LORA_RANK=32
+LORA_ALPHA=64
+LAYER_FRACTION=0.35
+
 # --------------------------------------------------------------------------------------------- checks
 is_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
-for v in SEQ_LENGTH TP CP MICRO_BATCH GLOBAL_BATCH NNODES GPUS_PER_NODE MASTER_PORT SHUTDOWN_TIMEOUT; do
+for v in SEQ_LENGTH MICRO_BATCH GLOBAL_BATCH NNODES GPUS_PER_NODE MASTER_PORT SHUTDOWN_TIMEOUT; do
     is_int "${!v}" || die "$v='${!v}' must be a positive integer"
 done
-[[ "$SP" == 0 || "$SP" == 1 ]] || die "SP='$SP' must be 0 or 1"
+[[ "$GPU_MEMORY_GIB" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "GPU_MEMORY_GIB='$GPU_MEMORY_GIB' must be a number of GiB"
 [[ "$BILEVEL" == 0 || "$BILEVEL" == 1 ]] || die "BILEVEL='$BILEVEL' must be 0 or 1"
 [[ "$REQUEUE" == 0 || "$REQUEUE" == 1 ]] || die "REQUEUE='$REQUEUE' must be 0 or 1"
 [[ "$TORCHRUN_SIGNAL_FLAGS" == 0 || "$TORCHRUN_SIGNAL_FLAGS" == 1 ]] ||
     die "TORCHRUN_SIGNAL_FLAGS='$TORCHRUN_SIGNAL_FLAGS' must be 0 or 1"
-case "$RECOMPUTE" in none | selective | full) ;; *) die "RECOMPUTE='$RECOMPUTE' must be none, selective or full" ;; esac
 case "$ATTENTION_BACKEND" in flex | dense | te) ;; *) die "ATTENTION_BACKEND='$ATTENTION_BACKEND' must be flex, dense or te" ;; esac
+WORLD=$((NNODES * GPUS_PER_NODE))
+
+# --------------------------------------------------------------------------------------------- layout
+# choose VAR VALUE SOURCE: VAR=VALUE, from SOURCE, unless the user set VAR
+choose() {
+    if [[ -z "${FROM[$1]:-}" ]]; then
+        printf -v "$1" '%s' "$2"
+        FROM[$1]=$3
+    fi
+}
+check_layout_value() { # VAR: dies unless VAR's value is one it can take
+    case "$1" in
+        TP | PP | CP) is_int "${!1}" || die "$1='${!1}' must be a positive integer" ;;
+        SP) [[ "$SP" == 0 || "$SP" == 1 ]] || die "SP='$SP' must be 0 or 1" ;;
+        RECOMPUTE) [[ "$RECOMPUTE" =~ ^(none|selective|full)$ ]] || die "RECOMPUTE='$RECOMPUTE' must be none, selective or full" ;;
+        *) [[ -z "${!1}" ]] || is_int "${!1}" || die "$1='${!1}' must be empty (the even split) or a positive integer" ;;
+    esac
+}
+for v in "${!FROM[@]}"; do # the user's, before asking the planner
+    check_layout_value "$v"
+done
+PLAN_TEXT=
+declare -A PLANNED=()
+if [[ "$LAYOUT" == preset ]]; then
+    choose TP "$def_tp" preset
+    choose PP 1 preset
+    choose CP "$def_cp" preset
+    choose SP "$def_sp" preset
+    choose RECOMPUTE "$def_recompute" preset
+elif [[ -z "${FROM[TP]:-}" || -z "${FROM[PP]:-}" || -z "${FROM[CP]:-}" || -z "${FROM[RECOMPUTE]:-}" ]]; then
+    # The planner: the fastest layout of WORLD GPUs that fits, for FocuSFT whatever BILEVEL says (the SFT baseline
+    # then runs on the same layout); te is planned as flex (neither materialises the mask).
+    plan_backend=flex
+    if [[ "$ATTENTION_BACKEND" == dense ]]; then plan_backend=dense; fi
+    PLAN_CMD=(
+        "$PYTHON" "$REPO_DIR/tools/memory_plan.py" --shell --num-gpus "$WORLD" --preset "$MODEL"
+        --seq-length "$SEQ_LENGTH" --global-batch-size "$GLOBAL_BATCH" --micro-batch-size "$MICRO_BATCH"
+        --gpu-memory-gib "$GPU_MEMORY_GIB" --attention-backend "$plan_backend" --bilevel
+        --focusft-inner-steps "$INNER_STEPS" --focusft-layer-fraction "$LAYER_FRACTION" --focusft-lora-rank "$LORA_RANK"
+    )
+    PLAN_TEXT=$(printf '%q ' "${PLAN_CMD[@]}")
+    PLAN_TEXT=${PLAN_TEXT% }
+    [[ -f "$REPO_DIR/tools/memory_plan.py" ]] || die "$REPO_DIR/tools/memory_plan.py not found (set REPO_DIR)"
+    plan_err=$(mktemp)
+    plan_rc=0
+    plan_out=$(PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" "${PLAN_CMD[@]}" 2>"$plan_err") || plan_rc=$?
+    plan_msg=$(grep -v '^[[:space:]]*$' "$plan_err" | tail -n 1 || true)
+    rm -f "$plan_err"
+    if ((plan_rc == 1)); then
+        die "MODEL=$MODEL on $WORLD GPUs at SEQ_LENGTH=$SEQ_LENGTH: ${plan_msg#error: }; use more nodes, or set TP, PP, CP and RECOMPUTE (planner: $PLAN_TEXT)"
+    elif ((plan_rc != 0)); then
+        die "the planner failed (exit $plan_rc: ${plan_msg:-no message}): $PLAN_TEXT"
+    fi
+    plan_line=$(grep -v '^[[:space:]]*$' <<<"$plan_out" | tail -n 1 || true)
+    re='^TP=([0-9]+) PP=([0-9]+) CP=([0-9]+) DP=([0-9]+) SP=([01]) RECOMPUTE=(none|selective|full) FIRST_STAGE_LAYERS=([0-9]*) LAST_STAGE_LAYERS=([0-9]*)$'
+    [[ "$plan_line" =~ $re ]] || die "unexpected planner output '$plan_line' from: $PLAN_TEXT"
+    PLANNED=(
+        [TP]=${BASH_REMATCH[1]} [PP]=${BASH_REMATCH[2]} [CP]=${BASH_REMATCH[3]} [SP]=${BASH_REMATCH[5]}
+        [RECOMPUTE]=${BASH_REMATCH[6]} [FIRST_STAGE_LAYERS]=${BASH_REMATCH[7]} [LAST_STAGE_LAYERS]=${BASH_REMATCH[8]}
+    )
+    for v in TP PP CP SP RECOMPUTE; do
+        choose "$v" "${PLANNED[$v]}" planner
+    done
+    if [[ "$PP" == "${PLANNED[PP]}" ]]; then # the planner's split is for its PP only
+        choose FIRST_STAGE_LAYERS "${PLANNED[FIRST_STAGE_LAYERS]}" planner
+        choose LAST_STAGE_LAYERS "${PLANNED[LAST_STAGE_LAYERS]}" planner
+    fi
+fi
+choose SP 1 default
+choose FIRST_STAGE_LAYERS "" default
+choose LAST_STAGE_LAYERS "" default
+# One line saying where each layout variable came from (no "NAME=value" in it: tools/collect_runs.py reads the
+# header line below as the layout).
+layout_from=
+for source in preset planner user default; do
+    names=
+    for v in TP PP CP SP RECOMPUTE FIRST_STAGE_LAYERS LAST_STAGE_LAYERS; do
+        if [[ "${FROM[$v]}" == "$source" ]]; then names+=" $v"; fi
+    done
+    [[ -n "$names" ]] || continue
+    case "$source" in
+        preset) what="the $MODEL SCALE $SCALE preset" ;;
+        planner) what="the planner ($PLAN_TEXT)" ;;
+        user) what="the user" ;;
+        default) what="defaults" ;;
+    esac
+    layout_from+="; ${names# } from $what"
+    if [[ "$source" == user && -n "$PLAN_TEXT" ]]; then
+        said=
+        for v in $names; do
+            if [[ -n "${PLANNED[$v]+set}" ]]; then said+=", $v ${PLANNED[$v]:-even}"; fi
+        done
+        if [[ -n "$said" ]]; then layout_from+=" (the planner's: ${said#, })"; fi
+    fi
+done
+layout_from=${layout_from#; }
+
+for v in TP PP CP SP RECOMPUTE FIRST_STAGE_LAYERS LAST_STAGE_LAYERS; do
+    check_layout_value "$v"
+done
+for v in FIRST_STAGE_LAYERS LAST_STAGE_LAYERS; do
+    [[ -z "${!v}" ]] || ((PP > 1)) || die "$v=${!v} needs pipeline parallelism (PP=$PP): set PP > 1 or leave $v empty"
+done
 if [[ "$SP" == 1 && "$TP" == 1 ]]; then
     SP=0 # sequence parallelism splits along the tensor-parallel group: nothing to split at TP=1
 fi
-WORLD=$((NNODES * GPUS_PER_NODE))
-((WORLD % (TP * CP) == 0)) ||
-    die "$NNODES node(s) x $GPUS_PER_NODE GPUs = $WORLD GPUs is not a multiple of TP*CP = $TP*$CP = $((TP * CP)) (SCALE=$SCALE): use more nodes"
-DP=$((WORLD / (TP * CP)))
+((WORLD % (TP * CP * PP) == 0)) ||
+    die "$NNODES node(s) x $GPUS_PER_NODE GPUs = $WORLD GPUs is not a multiple of TP*CP*PP = $TP*$CP*$PP = $((TP * CP * PP)) (MODEL=$MODEL SCALE=$SCALE): use more nodes"
+DP=$((WORLD / (TP * CP * PP)))
 ((GLOBAL_BATCH % (MICRO_BATCH * DP) == 0)) ||
     die "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of MICRO_BATCH*DP = $MICRO_BATCH*$DP"
 
@@ -196,6 +344,7 @@ TRAIN_ARGS=(
     --save "$SAVE_DIR"
     --tensor-model-parallel-size "$TP"
     --context-parallel-size "$CP"
+    --pipeline-model-parallel-size "$PP"
     --seq-length "$SEQ_LENGTH"
     --micro-batch-size "$MICRO_BATCH"
     --global-batch-size "$GLOBAL_BATCH"
@@ -210,11 +359,11 @@ TRAIN_ARGS=(
     --seed "$SEED"
     --attention-mask glm
     --attention-backend "$ATTENTION_BACKEND"
-    --focusft-inner-steps 2
-    --focusft-inner-lr 1.0
-    --focusft-lora-rank 32
-    --focusft-lora-alpha 64
-    --focusft-layer-fraction 0.35
+    --focusft-inner-steps "$INNER_STEPS"
+    --focusft-inner-lr "$INNER_LR"
+    --focusft-lora-rank "$LORA_RANK"
+    --focusft-lora-alpha "$LORA_ALPHA"
+    --focusft-layer-fraction "$LAYER_FRACTION"
     --loss-reduction sample
     --device cuda
     --save-interval "$SAVE_INTERVAL"
@@ -225,6 +374,8 @@ if [[ -n "$TRAIN_ITERS" ]]; then TRAIN_ARGS+=(--train-iters "$TRAIN_ITERS"); els
 if [[ "$BILEVEL" == 1 ]]; then TRAIN_ARGS+=(--bilevel); else TRAIN_ARGS+=(--no-bilevel); fi
 if [[ "$SP" == 1 ]]; then TRAIN_ARGS+=(--sequence-parallel); fi
 if [[ "$RECOMPUTE" != none ]]; then TRAIN_ARGS+=(--recompute-granularity "$RECOMPUTE"); fi
+if [[ -n "$FIRST_STAGE_LAYERS" ]]; then TRAIN_ARGS+=(--decoder-first-pipeline-num-layers "$FIRST_STAGE_LAYERS"); fi
+if [[ -n "$LAST_STAGE_LAYERS" ]]; then TRAIN_ARGS+=(--decoder-last-pipeline-num-layers "$LAST_STAGE_LAYERS"); fi
 if [[ -n "$VALID_DATA_PATH" ]]; then TRAIN_ARGS+=(--valid-data-path "$VALID_DATA_PATH"); fi
 if [[ -n "$EVAL_INTERVAL" ]]; then TRAIN_ARGS+=(--eval-interval "$EVAL_INTERVAL"); fi
 if [[ -n "$WANDB_PROJECT" ]]; then TRAIN_ARGS+=(--wandb-project "$WANDB_PROJECT"); fi
@@ -275,9 +426,13 @@ else
 fi
 CMD=("${LAUNCH[@]}" "$REPO_DIR/tools/train.py" "${TRAIN_ARGS[@]}")
 
-echo "# FocuSFT Qwen2.5-7B: SCALE=$SCALE seq=$SEQ_LENGTH nodes=$NNODES gpus/node=$GPUS_PER_NODE" \
-    "TP=$TP CP=$CP SP=$SP DP=$DP recompute=$RECOMPUTE micro=$MICRO_BATCH global=$GLOBAL_BATCH" \
+if [[ "$BILEVEL" == 1 ]]; then method=FocuSFT; else method=SFT; fi
+stages=
+if ((PP > 1)); then stages=" first_stage_layers=${FIRST_STAGE_LAYERS:-even} last_stage_layers=${LAST_STAGE_LAYERS:-even}"; fi
+echo "# $method $MODEL_NAME: SCALE=$SCALE seq=$SEQ_LENGTH nodes=$NNODES gpus/node=$GPUS_PER_NODE" \
+    "TP=$TP PP=$PP CP=$CP SP=$SP DP=$DP$stages recompute=$RECOMPUTE micro=$MICRO_BATCH global=$GLOBAL_BATCH" \
     "accumulation=$((GLOBAL_BATCH / (MICRO_BATCH * DP)))"
+echo "# layout of $MODEL on $WORLD GPUs: $layout_from"
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     echo "# pre-emption: SIGUSR1 to this shell (sbatch --signal=B:USR1@600) is forwarded to srun and its tasks;" \
         "the workers save and exit; then requeue=$REQUEUE (SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0})"

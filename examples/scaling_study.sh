@@ -42,7 +42,8 @@ DRY_RUN=${DRY_RUN:-0}
 # Nodes per model (8 GPUs of 80 GB each), from tools/memory_plan.py at 4K tokens (FocuSFT, bf16, sequence
 # parallel, distributed optimizer over the nodes' data-parallel ranks):
 #   0.5B-7B: 1 node (7B at TP=2: 52.5 GiB)   14B: 2 nodes (TP=4: 48 GiB)   32B: 4 nodes (TP=8: 53 GiB)
-#   72B: 8 nodes, with pipeline parallelism (TP=8 alone needs 91 GiB per GPU even over 64 GPUs)
+#   72B: 8 nodes (the run script's planner: TP=8, CP=4, DP=2; TP=8 with CP=1 needs 91 GiB per GPU even over 64
+#   GPUs; on 4 nodes it takes PP=2: NODES="qwen2.5-72b=4")
 declare -A NODES_OF=(
     [qwen2.5-0.5b]=1 [qwen2.5-1.5b]=1 [qwen2.5-3b]=1 [qwen2.5-7b]=1
     [qwen2.5-14b]=2 [qwen2.5-32b]=4 [qwen2.5-72b]=8

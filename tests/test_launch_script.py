@@ -5,6 +5,7 @@ srun/scontrol and a stand-in tools/train.py."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -42,6 +43,7 @@ RECIPE = {
 
 # Variables of the caller's environment that would change the script's defaults.
 SCRIPT_VARS = (
+    "MODEL LAYOUT GPU_MEMORY_GIB PP FIRST_STAGE_LAYERS LAST_STAGE_LAYERS "
     "SCALE PRETRAINED DATA_PATH SAVE_DIR TP CP SP RECOMPUTE SEQ_LENGTH MICRO_BATCH GLOBAL_BATCH NNODES "
     "GPUS_PER_NODE MASTER_ADDR MASTER_PORT LR MIN_LR EPOCHS TRAIN_ITERS SEED BILEVEL ATTENTION_BACKEND "
     "SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL TENSORBOARD_DIR WANDB_PROJECT EXPORT_HF EXTRA_ARGS DRY_RUN "
@@ -61,7 +63,7 @@ def fake_bin(tmp_path):
     return d
 
 
-def run(env_extra: dict | None = None, path_prefix=None, dry_run=True):
+def run(env_extra: dict | None = None, path_prefix=None, dry_run=True, timeout: float = 30):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in SCRIPT_VARS}
     env["PATH"] = os.pathsep.join(
         [str(path_prefix)] * (path_prefix is not None) + ["/usr/bin", "/bin", env.get("PATH", "")]
@@ -69,7 +71,7 @@ def run(env_extra: dict | None = None, path_prefix=None, dry_run=True):
     if dry_run:
         env["DRY_RUN"] = "1"
     env.update(env_extra or {})
-    return subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def parse(out: str):
@@ -149,6 +151,7 @@ def test_local_dry_run_carries_the_recipe():
         else:
             assert flag_value(args, flag) == value, flag
     assert "--no-bilevel" not in args
+    assert not any(a.startswith("--decoder-") for a in args)  # no pipeline split at PP=1
     # auto-resume: load from where it saves
     assert flag_value(args, "--load") == flag_value(args, "--save")
     assert flag_value(args, "--tensor-model-parallel-size") == "2"
@@ -239,6 +242,7 @@ def test_scale_presets(fake_bin, scale, nodes, seq, tp, cp, recompute):
     assert flag_value(args, "--seq-length") == seq
     assert flag_value(args, "--tensor-model-parallel-size") == tp
     assert flag_value(args, "--context-parallel-size") == cp
+    assert flag_value(args, "--pipeline-model-parallel-size") == "1"
     assert "--sequence-parallel" in args
     assert flag_value(args, "--recompute-granularity") == recompute
     assert flag_value(args, "--data-path").endswith(f"focusft-{seq}")
@@ -282,6 +286,181 @@ def test_overrides_and_options():
     assert flag_value(args, "--pretrained-checkpoint") == "/ckpt/qwen7b"
     assert flag_value(args, "--load") == "/runs/x" == flag_value(args, "--save")
     assert args[-2:] == ["--focusft-inner-grad-clip", "1.0"]
+
+
+# --------------------------------------------------------------------------------------------- MODEL, PP, planner
+def header(out: str) -> str:
+    """The run script's layout line, as megatron_focusft/analysis/runs.py finds it (the only such line)."""
+    lines = [line for line in out.splitlines() if line.startswith("# ") and "TP=" in line and "DP=" in line]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def layout_from(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("# layout of "))
+
+
+def test_qwen7b_defaults_are_the_preset_without_the_planner():
+    res = run({"PYTHON": "/bin/false"})  # the planner would fail: it is not asked
+    assert res.returncode == 0, res.stderr
+    assert run({"MODEL": "qwen2.5-7b", "PYTHON": "/bin/false"}).stdout == res.stdout
+    args = train_args(parse(res.stdout)[1])
+    assert [flag_value(args, f"--{k}-parallel-size") for k in ("tensor-model", "context", "pipeline-model")] == [
+        "2",
+        "1",
+        "1",
+    ]
+    assert "--sequence-parallel" in args and "--recompute-granularity" not in args
+    assert flag_value(args, "--pretrained-checkpoint").endswith("checkpoints/qwen2.5-7b-megatron")
+    assert flag_value(args, "--save").endswith("runs/focusft-qwen7b-4k")
+    assert header(res.stdout).startswith("# FocuSFT Qwen2.5-7B: SCALE=4k ")
+    assert " TP=2 PP=1 CP=1 SP=1 DP=4 " in header(res.stdout)
+    assert "from the qwen2.5-7b SCALE 4k preset" in layout_from(res.stdout) and "planner" not in res.stdout
+
+
+TEE_PYTHON = """#!/bin/sh
+# $PYTHON stand-in: runs the real interpreter, keeping its arguments and what it printed
+echo "$@" > "$COPY_ARGS"
+"$REAL_PYTHON" "$@" > "$COPY_OUT"
+rc=$?
+cat "$COPY_OUT"
+exit $rc
+"""
+
+
+def test_qwen72b_on_4_nodes_takes_the_planners_layout(fake_bin, tmp_path):
+    python, copy_args, copy_out = tmp_path / "python", tmp_path / "args", tmp_path / "out"
+    python.write_text(TEE_PYTHON)
+    python.chmod(0o755)
+    env = {"MODEL": "qwen2.5-72b", "SLURM_JOB_ID": "1", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "node-[a-d]"}
+    env.update(PYTHON=str(python), REAL_PYTHON=sys.executable, COPY_ARGS=str(copy_args), COPY_OUT=str(copy_out))
+    res = run(env, path_prefix=fake_bin, timeout=120)  # the one planner call of this file (seconds of imports)
+    assert res.returncode == 0, res.stderr
+    # what tools/memory_plan.py --shell printed, for the layout the README documents
+    plan_args = copy_args.read_text().split()
+    assert plan_args[0] == os.path.join(ROOT, "tools", "memory_plan.py") and plan_args[1] == "--shell"
+    for flag, value in (("--num-gpus", "32"), ("--preset", "qwen2.5-72b"), ("--seq-length", "4096")):
+        assert flag_value(plan_args, flag) == value
+    planned = dict(kv.split("=") for kv in copy_out.read_text().split())
+    assert int(planned["PP"]) > 1, planned  # 72B does not fit 32 GPUs without pipeline parallelism
+    argv = parse(res.stdout)[1]
+    assert flag_value(slurm_launch(argv)[0], "--ntasks") == "32"
+    args = train_args(argv)
+    assert flag_value(args, "--tensor-model-parallel-size") == planned["TP"]
+    assert flag_value(args, "--pipeline-model-parallel-size") == planned["PP"]
+    assert flag_value(args, "--context-parallel-size") == planned["CP"]
+    for end in ("FIRST", "LAST"):
+        flag = f"--decoder-{end.lower()}-pipeline-num-layers"
+        if planned[f"{end}_STAGE_LAYERS"]:
+            assert flag_value(args, flag) == planned[f"{end}_STAGE_LAYERS"]
+        else:
+            assert flag not in args
+    assert ("--sequence-parallel" in args) == (planned["SP"] == "1")
+    if planned["RECOMPUTE"] == "none":
+        assert "--recompute-granularity" not in args
+    else:
+        assert flag_value(args, "--recompute-granularity") == planned["RECOMPUTE"]
+    assert flag_value(args, "--pretrained-checkpoint").endswith("checkpoints/qwen2.5-72b-megatron")
+    assert flag_value(args, "--save").endswith("runs/focusft-qwen72b-4k")
+    line = header(res.stdout)
+    assert line.startswith("# FocuSFT Qwen2.5-72B: ")
+    sizes = " ".join(f"{k}={planned[k]}" for k in ("TP", "PP", "CP", "DP"))
+    # tools/collect_runs.py's layout: the TP/PP/CP/DP sizes of this line (megatron_focusft/analysis/runs.py)
+    assert " ".join(re.findall(r"\b(?:TP|PP|CP|DP)=\d+\b", line)) == sizes
+    where = layout_from(res.stdout)
+    assert "TP PP CP SP RECOMPUTE FIRST_STAGE_LAYERS LAST_STAGE_LAYERS from the planner (" in where
+    assert "memory_plan.py --shell --num-gpus 32 --preset qwen2.5-72b --seq-length 4096" in where
+
+
+FAKE_PLANNER = """#!/bin/sh
+# tools/memory_plan.py --shell stand-in (as $PYTHON): records its arguments, prints $FAKE_PLAN or fails
+echo "$@" >> "$FAKE_PLAN_ARGS"
+case "$1" in */tools/memory_plan.py) ;; *) echo "not the planner: $1" >&2; exit 9 ;; esac
+if [ -n "$FAKE_PLAN_ERROR" ]; then echo "some warning" >&2; echo "error: $FAKE_PLAN_ERROR" >&2; exit 1; fi
+echo "$FAKE_PLAN"
+"""
+
+
+@pytest.fixture
+def fake_planner(tmp_path):
+    """env for run(): PYTHON is a fake planner printing TP=8 PP=2 CP=2 ... FIRST_STAGE_LAYERS=50; (env, args file)."""
+    planner, record = tmp_path / "fake-python", tmp_path / "plan-args"
+    planner.write_text(FAKE_PLANNER)
+    planner.chmod(0o755)
+    plan = "TP=8 PP=2 CP=2 DP=1 SP=1 RECOMPUTE=selective FIRST_STAGE_LAYERS=50 LAST_STAGE_LAYERS="
+    env = {"PYTHON": str(planner), "FAKE_PLAN_ARGS": str(record), "FAKE_PLAN": plan, "FAKE_PLAN_ERROR": ""}
+    env.update(MODEL="qwen2.5-72b", GPUS_PER_NODE="32")  # 32 GPUs on one (local) node: no SLURM needed
+    return env, record
+
+
+def test_the_users_layout_variables_win_over_the_planners(fake_planner):
+    env, record = fake_planner
+    res = run({**env, "TP": "4", "BILEVEL": "0"})
+    assert res.returncode == 0, res.stderr
+    planner_args = record.read_text().split()
+    assert "--bilevel" in planner_args  # planned for FocuSFT even for the SFT baseline: both get one layout
+    for flag, value in (("--num-gpus", "32"), ("--preset", "qwen2.5-72b"), ("--seq-length", "4096")):
+        assert flag_value(planner_args, flag) == value
+    assert flag_value(planner_args, "--global-batch-size") == "32"
+    args = train_args(parse(res.stdout)[1])
+    assert flag_value(args, "--tensor-model-parallel-size") == "4"  # the user's
+    assert flag_value(args, "--pipeline-model-parallel-size") == "2"  # the rest: the planner's
+    assert flag_value(args, "--context-parallel-size") == "2"
+    assert flag_value(args, "--decoder-first-pipeline-num-layers") == "50"
+    assert "--decoder-last-pipeline-num-layers" not in args
+    assert flag_value(args, "--recompute-granularity") == "selective"
+    assert " TP=4 PP=2 CP=2 SP=1 DP=2 first_stage_layers=50 last_stage_layers=even " in header(res.stdout)
+    assert layout_from(res.stdout).endswith("; TP from the user (the planner's: TP 8)")
+    # another PP drops the planner's split (made for its PP); an empty split variable is the user's even split
+    res = run({**env, "PP": "4", "CP": "1", "LAST_STAGE_LAYERS": "30"})
+    args = train_args(parse(res.stdout)[1])
+    assert flag_value(args, "--pipeline-model-parallel-size") == "4"
+    assert "--decoder-first-pipeline-num-layers" not in args
+    assert flag_value(args, "--decoder-last-pipeline-num-layers") == "30"
+    res = run({**env, "PP": "2"})  # the planner's PP: its split stays
+    assert flag_value(train_args(parse(res.stdout)[1]), "--decoder-first-pipeline-num-layers") == "50"
+    res = run({**env, "FIRST_STAGE_LAYERS": ""})
+    assert "--decoder-first-pipeline-num-layers" not in train_args(parse(res.stdout)[1])
+    assert "FIRST_STAGE_LAYERS from the user (the planner's: FIRST_STAGE_LAYERS 50)" in layout_from(res.stdout)
+    # the whole layout given: the planner is not asked; qwen2.5-7b with LAYOUT=auto asks it
+    record.unlink()
+    res = run({**env, "TP": "8", "PP": "4", "CP": "1", "RECOMPUTE": "none"})
+    assert res.returncode == 0 and not record.exists(), res.stderr
+    plan = "TP=2 PP=4 CP=1 DP=1 SP=1 RECOMPUTE=none FIRST_STAGE_LAYERS= LAST_STAGE_LAYERS="
+    res = run({**env, "MODEL": "qwen2.5-7b", "LAYOUT": "auto", "GPUS_PER_NODE": "8", "FAKE_PLAN": plan})
+    assert res.returncode == 0, res.stderr
+    assert flag_value(record.read_text().split(), "--preset") == "qwen2.5-7b"
+    assert flag_value(train_args(parse(res.stdout)[1]), "--pipeline-model-parallel-size") == "4"
+
+
+def test_no_layout_from_the_planner_fails_in_one_line(fake_planner):
+    env, _ = fake_planner
+    res = run({**env, "FAKE_PLAN_ERROR": "no layout of 32 GPUs fits qwen2.5-72b at S=4096 in 80 GiB"})
+    assert res.returncode == 2 and "torchrun" not in res.stdout
+    assert len(res.stderr.splitlines()) == 1, res.stderr
+    assert "no layout of 32 GPUs fits" in res.stderr and "use more nodes" in res.stderr
+    res = run({**env, "FAKE_PLAN": "TP=8; rm -rf /"})  # never evaluated
+    assert res.returncode == 2 and "unexpected planner output" in res.stderr
+    assert run({**env, "MODEL": "qwen2.5-7b", "LAYOUT": "preset", "PYTHON": "/bin/false"}).returncode == 0
+    res = run({**env, "LAYOUT": "preset"})
+    assert res.returncode == 2 and "only MODEL=qwen2.5-7b has preset layouts" in res.stderr
+
+
+def test_unknown_model_and_indivisible_pipeline_layouts_fail_in_one_line():
+    res = run({"MODEL": "qwen2.5-9b", "PYTHON": "/bin/false"})
+    assert res.returncode == 2 and "torchrun" not in res.stdout
+    assert res.stderr.count("\n") == 1 and "unknown MODEL='qwen2.5-9b'" in res.stderr
+    for size in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b"):
+        assert f"qwen2.5-{size}" in res.stderr
+    res = run({"PP": "3"})  # TP*CP*PP = 2*1*3 does not divide 8 GPUs
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "TP*CP*PP = 2*1*3 = 6" in res.stderr and "8 GPUs" in res.stderr
+    res = run({"PP": "2", "TP": "8"})
+    assert res.returncode == 2 and "TP*CP*PP = 8*1*2 = 16" in res.stderr
+    res = run({"FIRST_STAGE_LAYERS": "10"})  # a split without pipeline stages
+    assert res.returncode == 2 and "FIRST_STAGE_LAYERS=10 needs pipeline parallelism" in res.stderr
+    res = run({"PP": "0"})
+    assert res.returncode == 2 and "PP='0' must be a positive integer" in res.stderr
 
 
 def test_without_dry_run_missing_inputs_fail_before_launch(tmp_path):

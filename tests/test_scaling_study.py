@@ -7,6 +7,8 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -31,11 +33,11 @@ STUDY_VARS = (
 ).split()
 
 
-def run(env_extra: dict | None = None, path_prefix: Path | None = None, script: Path = SCRIPT):
+def run(env_extra: dict | None = None, path_prefix: Path | None = None, script: Path = SCRIPT, timeout: float = 30):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_")) and k not in STUDY_VARS}
     env["PATH"] = os.pathsep.join([str(path_prefix)] * (path_prefix is not None) + ["/usr/bin", "/bin"])
     env.update(env_extra or {})
-    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def jobs(out: str) -> list[tuple[dict, list[str]]]:
@@ -89,10 +91,17 @@ def test_dry_run_lists_every_model_and_method_with_one_budget(tmp_path):
 
 def test_a_jobs_environment_makes_the_run_script_train_that_method(tmp_path):
     """Each job's variables, given to examples/run_focusft_qwen7b.sh (DRY_RUN, no SLURM): sft is --no-bilevel,
-    focusft --bilevel, with the study's budget and folders."""
+    focusft --bilevel, with the study's budget and folders, on the one layout the planner gives the model."""
     res = run({"DRY_RUN": "1", "MODELS": "qwen2.5-0.5b", "STUDY_DIR": str(tmp_path), "TRAIN_ITERS": "7"})
-    for env, _ in jobs(res.stdout):
-        out = run({**env, "DRY_RUN": "1"}, script=RUN_SCRIPT)
+    grid = [env for env, _ in jobs(res.stdout)]
+
+    def dry_run(env: dict) -> subprocess.CompletedProcess:
+        return run({**env, "DRY_RUN": "1", "PYTHON": sys.executable}, script=RUN_SCRIPT, timeout=120)
+
+    with ThreadPoolExecutor(len(grid)) as pool:  # each asks the planner (seconds of imports): side by side
+        outs = list(pool.map(dry_run, grid))
+    layouts = []
+    for env, out in zip(grid, outs):
         assert out.returncode == 0, out.stderr
         argv = shlex.split(next(line for line in out.stdout.splitlines() if line.startswith("torchrun ")))
         assert ("--no-bilevel" if env["BILEVEL"] == "0" else "--bilevel") in argv
@@ -100,6 +109,9 @@ def test_a_jobs_environment_makes_the_run_script_train_that_method(tmp_path):
         for flag, value in [("--save", env["SAVE_DIR"]), ("--train-iters", "7"), ("--seed", env["SEED"])]:
             assert argv[argv.index(flag) + 1] == value
         assert argv[argv.index("--pretrained-checkpoint") + 1] == env["PRETRAINED"]
+        assert "from the planner" in out.stdout
+        layouts.append([argv[argv.index(f) + 1] for f in argv if f.endswith("-parallel-size")])
+    assert len(layouts) == 2 and layouts[0] == layouts[1]  # SFT and FocuSFT of one model: the same layout
 
 
 def test_nodes_models_methods_and_sbatch_args_can_be_chosen():

@@ -13,7 +13,7 @@ logged step, TensorBoard scalars and W&B), so every column is read from where it
   steps of every launch (a requeued job starts again) are left out of the medians; at least the first,
   whose start nothing records.
 - planned iterations (did the run stop early?) and the layout: the console log (the N of ``step i/N``; the
-  run script's ``... TP=2 CP=1 SP=1 DP=4 ...`` line).
+  run script's ``# FocuSFT Qwen2.5-72B: ... TP=8 PP=2 CP=2 SP=1 DP=1 ...`` line: its TP, PP, CP and DP).
 - model: the latest checkpoint's ``focusft_checkpoint.json`` (the preset whose shape it has, else "custom";
   the parameter count).
 - method: FocuSFT where the run logged inner-loop losses (``inner_loss_before``, logged whenever the inner
@@ -79,7 +79,7 @@ class RunRow:
     model: str | None  # a Qwen2.5 preset's name, "custom" for another shape; None: no checkpoint yet
     parameters: int | None
     method: str | None  # "sft" or "focusft"; None: no step logged
-    layout: str | None  # as the run script's log line states it, e.g. "TP=2 CP=1 DP=4"
+    layout: str | None  # as the run script's log line states it, e.g. "TP=2 PP=1 CP=1 DP=4"
     iterations: int | None  # the last logged iteration
     planned_iterations: int | None
     step_time_s: float | None
