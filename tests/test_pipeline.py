@@ -60,6 +60,8 @@ LAYOUTS = {
         ["--pp", "2", "--decoder-first-pipeline-num-layers", "3", "--decoder-last-pipeline-num-layers", "1"],
     ),
     "pp2-tp2-sp": (4, ["--pp", "2", "--tp", "2", "--sequence-parallel"]),
+    "pp2-cp2": (4, ["--pp", "2", "--context-parallel-size", "2"]),
+    "pp2-dp2": (4, ["--pp", "2"]),  # two replicas of one micro-batch each
 }
 
 
