@@ -19,6 +19,11 @@ step ``k`` takes stream positions ``[k * G, (k + 1) * G)`` with ``G = micro_batc
 ``r`` the slice ``[r * mbs, (r + 1) * mbs)`` of it.  So every pack appears exactly once per epoch across
 ranks, and a loader built with ``consumed_samples`` (global samples, as Megatron counts them) resumes
 exactly there.
+
+Two more sources feed the same loader, for Megatron-LM's ``--split`` and ``--data-path`` blends:
+:class:`PackRange` (the packs ``[start, stop)`` of one dataset: a train, validation or test part) and
+:class:`BlendedPacks` (several datasets drawn in proportion to their weights, with Megatron's own blending
+indices).  A blend is already a shuffled stream: the loader reads it in order.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -201,15 +206,142 @@ class PackedDataset:
             raise IndexError(f"pack {i} of a dataset of {len(self)} packs ({self.prefix})")
         return int(self.pack_bounds[i]), int(self.pack_bounds[i + 1])
 
+    def pack(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pack ``i``: its tokens, its loss mask and its conversations' lengths."""
+        s, e = self._bounds(i)
+        return np.concatenate(self.tokens[s:e]), np.concatenate(self.loss[s:e]), self.tokens.sequence_lengths[s:e]
+
     def micro_batch(self, indices: list[int], pad_to: int | None = None) -> PackedInput:
         """Packs ``indices`` back to back as one packed micro-batch, each padded to ``pad_to`` tokens."""
-        tokens, losses, lengths = [], [], []
-        for i in indices:
-            s, e = self._bounds(i)
-            tokens.append(np.concatenate(self.tokens[s:e]))
-            losses.append(np.concatenate(self.loss[s:e]))
-            lengths.append(self.tokens.sequence_lengths[s:e])
-        return PackedInput.from_packs(tokens, losses, lengths, indices, pad_to=pad_to, pad_id=self.pad_id)
+        return _micro_batch([self.pack(i) for i in indices], indices, pad_to, self.pad_id)
+
+
+def _micro_batch(
+    packs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], ids: Sequence[int], pad_to: int | None, pad_id: int
+) -> PackedInput:
+    """``packs`` (each as :meth:`PackedDataset.pack` gives it) as one micro-batch; ``ids``: each pack's id (the
+    first half of its documents' keys, which seed their fast weights)."""
+    tokens, losses, lengths = zip(*packs) if packs else ((), (), ())
+    return PackedInput.from_packs(list(tokens), list(losses), list(lengths), ids, pad_to=pad_to, pad_id=pad_id)
+
+
+def split_ranges(fractions: Sequence[float], num_packs: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` pack ranges of the train, validation and test parts of ``num_packs`` packs for
+    normalised ``fractions`` (Megatron-LM's ``--split``): consecutive index ranges, their bounds rounded from the
+    cumulative fractions as ``megatron.core.datasets`` rounds them, so a split here holds the packs Megatron's
+    would (an empty part: ``(stop, stop)`` of the part before it)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+
+    ranges, stop = [], 0
+    for bounds in convert_split_vector_to_split_matrix(list(fractions)):
+        if bounds is not None:
+            start, stop = int(round(bounds[0] * num_packs)), int(round(bounds[1] * num_packs))
+        ranges.append((stop, stop) if bounds is None else (start, stop))
+    return ranges
+
+
+class PackRange:
+    """The packs ``[start, stop)`` of a packed dataset, numbered from 0: one part of a ``--split``.  A pack keeps
+    its index in the file as its id, so it draws the same fast weights whatever the split."""
+
+    def __init__(self, dataset: PackedDataset, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(dataset):
+            raise ValueError(f"packs [{start}, {stop}) are not a range of the {len(dataset)} of {dataset.prefix}")
+        self.dataset, self.start, self.stop = dataset, start, stop
+        self.prefix, self.pack_length, self.pad_id = dataset.prefix, dataset.pack_length, dataset.pad_id
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def _index(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(f"pack {i} of a range of {len(self)} packs ({self.prefix})")
+        return self.start + i
+
+    def pack(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.dataset.pack(self._index(i))
+
+    def micro_batch(self, indices: list[int], pad_to: int | None = None) -> PackedInput:
+        return self.dataset.micro_batch([self._index(i) for i in indices], pad_to=pad_to)
+
+
+class BlendedPacks:
+    """``size`` samples drawn from several packed datasets (``parts``) in proportion to ``weights``: Megatron-LM's
+    blended dataset (``--data-path 0.7 A 0.3 B``).
+
+    Which part each sample comes from is Megatron's own blending index (``megatron.core.datasets.helpers``:
+    each next sample goes to the part furthest below its share, so every prefix of the stream is in proportion
+    to within a sample per part).  A part's k-th draw is pack ``k % n`` of its pass ``k // n`` over its ``n``
+    packs, every pass a fresh permutation seeded by ``(seed, part, pass)`` (``shuffle=False``: the packs in
+    order).  Nothing depends on ``size`` but the length: a longer blend begins with the shorter one, so a run
+    resumed at any sample with another length (a new schedule) reads on where it stopped.
+
+    ``weights=None``: every pack of every part exactly once, interleaved in proportion to their sizes
+    (Megatron's unweighted blend); ``size`` is then their total.  A sample's id (its documents' fast-weight
+    seed) is its pack's index in the parts laid end to end.
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[PackedDataset | PackRange],
+        weights: Sequence[float] | None,
+        size: int | None,
+        seed: int,
+        *,
+        shuffle: bool = True,
+    ) -> None:
+        from megatron.core.datasets import helpers
+
+        self.parts = tuple(parts)
+        if not self.parts or any(len(p) == 0 for p in self.parts):
+            raise ValueError("a blend needs parts with at least one pack each")
+        pad_ids = {p.pad_id for p in self.parts}
+        if len(pad_ids) > 1:
+            described = ", ".join(f"{p.prefix}: {p.pad_id}" for p in self.parts)
+            raise ValueError(f"the parts' pad ids differ ({described}); were they tokenized for different models?")
+        sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
+        size = int(sizes.sum()) if weights is None else size
+        self.dataset_index = np.zeros(size, dtype=np.int16)
+        self.sample_index = np.zeros(size, dtype=np.int64)
+        if weights is None:
+            helpers.build_exhaustive_blending_indices(self.dataset_index, self.sample_index, sizes, len(sizes))
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            helpers.build_blending_indices(self.dataset_index, self.sample_index, w / w.sum(), len(w), size, False)
+        self.seed, self.shuffle = seed, shuffle
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.prefix = " + ".join(p.prefix for p in self.parts)
+        self.pack_length = max(p.pack_length for p in self.parts)
+        self.pad_id = self.parts[0].pad_id
+        self._passes: dict[int, tuple[int, np.ndarray]] = {}  # part -> (pass, its order), the last one used
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Sample ``i``: (its part, the pack of that part)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of a blend of {len(self)} ({self.prefix})")
+        part, k = int(self.dataset_index[i]), int(self.sample_index[i])
+        n = len(self.parts[part])
+        if not self.shuffle:
+            return part, k % n
+        epoch = k // n
+        if self._passes.get(part, (None,))[0] != epoch:
+            self._passes[part] = (epoch, np.random.default_rng([self.seed, part, epoch]).permutation(n))
+        return part, int(self._passes[part][1][k % n])
+
+    def pack(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        part, j = self.locate(i)
+        return self.parts[part].pack(j)
+
+    def micro_batch(self, indices: list[int], pad_to: int | None = None) -> PackedInput:
+        located = [self.locate(i) for i in indices]
+        packs = [self.parts[part].pack(j) for part, j in located]
+        return _micro_batch(packs, [int(self.offsets[part]) + j for part, j in located], pad_to, self.pad_id)
+
+
+Packs = PackedDataset | PackRange | BlendedPacks  # what the loader and the validation loop read
 
 
 class PackLoader:
@@ -221,11 +353,13 @@ class PackLoader:
     ``pad_multiple`` gives every row the same static length; ``fixed_length=False`` pads each batch only to
     its longest pack rounded up to ``pad_multiple`` (see :func:`megatron_focusft.data.packing.pad_multiple`).
     ``num_epochs=None`` iterates forever; otherwise iteration stops before the first incomplete global batch.
+    A :class:`BlendedPacks` is read in its order (it is shuffled already); ``fixed_length=False`` needs a
+    :class:`PackedDataset` (it reads ``pack_lengths()``).
     """
 
     def __init__(
         self,
-        prefix: str | PackedDataset,
+        prefix: str | Packs,
         dp_rank: int,
         dp_size: int,
         seed: int,
@@ -242,13 +376,13 @@ class PackLoader:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         if micro_batch_size < 1 or consumed_samples < 0:
             raise ValueError("micro_batch_size must be >= 1 and consumed_samples >= 0")
-        self.dataset = prefix if isinstance(prefix, PackedDataset) else PackedDataset(prefix)
+        self.dataset = PackedDataset(prefix) if isinstance(prefix, str) else prefix
         if len(self.dataset) == 0:
             raise ValueError("the dataset has no packs")
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.micro_batch_size = micro_batch_size
         self.consumed_samples = consumed_samples
-        self.shuffle, self.num_epochs = shuffle, num_epochs
+        self.shuffle, self.num_epochs = shuffle and not isinstance(self.dataset, BlendedPacks), num_epochs
         self.pad_multiple = pad_multiple
         self.fixed_length = fixed_length
         length = sequence_length or self.dataset.pack_length
