@@ -313,12 +313,12 @@ def test_a_requeued_job_that_crashed_before_its_first_checkpoint_starts_fresh(se
     "change, message",
     [
         (["--lr", "2e-3"], "--lr 0.002 (checkpoint: 0.001)"),
-        (["--train-iters", "20"], "--train-iters/--epochs (iterations) 20 (checkpoint: 2)"),
+        (["--train-iters", "20"], "(decay iterations) 20 (checkpoint: 2)"),
         (["--lr-decay-style", "linear"], "--lr-decay-style linear (checkpoint: cosine)"),
         (["--min-lr", "1e-4"], "--min-lr 0.0001 (checkpoint: 0.0)"),
         (["--seed", "6"], "--seed is 6 but the checkpoint"),
         (["--global-batch-size", "4"], "--global-batch-size is 4 but the checkpoint"),
-        (["--data-path", "OTHER"], "--data-path (packs) is"),
+        (["--data-path", "OTHER"], "--data-path/--split (training packs) is"),
     ],
 )
 def test_a_resume_with_changed_schedule_or_data_position_is_refused(setup_files, saved_run, tmp_path, change, message):
@@ -376,7 +376,6 @@ def test_a_stale_checkpoint_of_another_trajectory_is_replaced(setup_files, saved
         ("global-batch-size: 32.0\n", "global-batch-size: invalid int value 32.0"),
         ("lr: fast\n", "lr: invalid float value 'fast'"),
         ("bf16: 1\n", "bf16: expected true or false"),
-        ("epochs: 1\ntrain-iters: 3\n", "give 'epochs' or 'train-iters', not both"),
     ],
 )
 def test_yaml_values_are_checked_like_flags(tmp_path, yaml_text, message):

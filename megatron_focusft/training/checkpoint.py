@@ -7,7 +7,8 @@ loadable.  The model part is the same format as the converter's output, so
 
 Resuming: :func:`find_resume` finds the checkpoint of ``--load``, :func:`read_train_state` reads its
 ``train_state.pt`` (once, in the plan), :func:`check_resume_compatible` refuses a resume whose run or schedule
-differ, and :func:`load_checkpoint` restores the optimizer, scheduler and RNG states from it.  Every torch file
+differ (the schedule may change with ``--override-opt-param-scheduler``), and :func:`load_checkpoint` restores the
+optimizer (unless ``--no-load-optim``), scheduler and RNG (unless ``--no-load-rng``) states from it.  Every torch file
 is read with ``weights_only=True`` (:func:`~megatron_focusft.convert.trust.torch_load`); the plan checks the
 whole checkpoint (checksums, pickles) before any of it is read.
 
@@ -59,16 +60,22 @@ class RunIdentity:
 
     seed: int
     global_batch_size: int
-    num_packs: int
+    num_packs: int  # the training packs (of every part of a blend)
+    blend: str = ""  # a blend's parts, "WEIGHTxPACKS+...", normalised weights; "": one dataset
 
 
 # The flags behind each value of the run and of the scheduler, for the messages of a refused resume.
-_RUN_FLAGS = {"seed": "--seed", "global_batch_size": "--global-batch-size", "num_packs": "--data-path (packs)"}
+_RUN_FLAGS = {
+    "seed": "--seed",
+    "global_batch_size": "--global-batch-size",
+    "num_packs": "--data-path/--split (training packs)",
+    "blend": "--data-path (blend weights x training packs)",
+}
 _SCHEDULER_FLAGS = {
     "max_lr": "--lr",
     "min_lr": "--min-lr",
-    "lr_warmup_steps": "--lr-warmup-fraction (warm-up iterations)",
-    "lr_decay_steps": "--train-iters/--epochs (iterations)",
+    "lr_warmup_steps": "--lr-warmup-iters/--lr-warmup-fraction (warm-up iterations)",
+    "lr_decay_steps": "--lr-decay-iters, else --train-iters/--train-samples/--epochs (decay iterations)",
     "lr_decay_style": "--lr-decay-style",
     "start_wd": "--weight-decay",
 }
@@ -133,9 +140,12 @@ def read_train_state(ckpt: Path) -> SavedTrainState:
         raise SetupError(f"{ckpt / TRAIN_STATE_FILE}: unreadable ({e})") from None
 
 
-def check_resume_compatible(load: Path, saved: SavedTrainState, run: RunIdentity, scheduler: dict) -> None:
-    """Refuse a resume (from ``--load load``) whose seed, global batch size, data or learning-rate schedule
-    (``scheduler``: keyed like ``OptimizerParamScheduler.state_dict()``) differ from the checkpoint's."""
+def check_resume_compatible(
+    load: Path, saved: SavedTrainState, run: RunIdentity, scheduler: dict, *, override_schedule: bool = False
+) -> list[str]:
+    """Refuse a resume (from ``--load load``) whose seed, global batch size or data differ from the checkpoint's,
+    or whose learning-rate schedule (``scheduler``: keyed like ``OptimizerParamScheduler.state_dict()``) does,
+    unless ``override_schedule``; the schedule's differences (for the log: the flags' values win)."""
     for key, value in asdict(run).items():
         if key in saved.run and saved.run[key] != value:
             raise SetupError(
@@ -148,11 +158,13 @@ def check_resume_compatible(load: Path, saved: SavedTrainState, run: RunIdentity
         for k, v in scheduler.items()
         if k in saved.scheduler and saved.scheduler[k] != v
     ]
-    if diffs:
+    if diffs and not override_schedule:
         raise SetupError(
             f"--load {load}: the learning-rate schedule differs from the checkpoint's: {'; '.join(diffs)}; "
-            "resume with the same values (or start a new run with --pretrained-checkpoint)"
+            "resume with the same values, give --override-opt-param-scheduler for the flags' schedule, or start a "
+            "new run with --pretrained-checkpoint"
         )
+    return diffs
 
 
 def _rank0() -> bool:
@@ -291,10 +303,19 @@ def _publish(save_dir: Path, tmp: Path, name: str, replace: bool, keep: int) -> 
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(saved: SavedTrainState, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+def load_checkpoint(
+    saved: SavedTrainState,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    *,
+    load_optim: bool = True,
+    load_rng: bool = True,
+) -> TrainState:
     """Restore the training state :func:`save_checkpoint` wrote into ``saved.checkpoint`` (collective): the
-    scheduler (from ``saved``, read by the plan), the optimizer and this rank's RNG states.  The model already
-    holds the checkpoint's weights (setup loads them once, from this checkpoint)."""
+    scheduler (from ``saved``, read by the plan), the optimizer (``load_optim``; else its state starts fresh) and
+    this rank's RNG states (``load_rng``; else they stay as the seed set them).  The model already holds the
+    checkpoint's weights (setup loads them once, from this checkpoint)."""
     ckpt_dir = saved.checkpoint
     try:  # the flags were compared before (check_resume_compatible, in the plan); this is the last guard
         scheduler.load_state_dict(saved.scheduler)
@@ -302,8 +323,9 @@ def load_checkpoint(saved: SavedTrainState, model: torch.nn.Module, optimizer, s
         raise SetupError(f"--load {ckpt_dir}: the learning-rate schedule differs from the checkpoint's ({e})") from None
     rank_file = ckpt_dir / "rank_state" / f"rank_{dist.get_rank():05d}.pt"
     try:  # the plan screened these files; a refusal here is the same one-line error
-        optimizer.load(ckpt_dir, model)
-        if rank_file.is_file():
+        if load_optim:
+            optimizer.load(ckpt_dir, model)
+        if load_rng and rank_file.is_file():
             _set_rng_state(trust.torch_load(rank_file))
     except ConfigError as e:
         raise SetupError(str(e)) from None

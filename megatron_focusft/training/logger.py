@@ -51,8 +51,15 @@ class MetricsLogger:
                 print("warning: --wandb-project given but wandb is not installed; not logging to W&B", file=sys.stderr)
             else:
                 run_id = _wandb_run_id(save_dir)
+                if config.wandb_save_dir is not None:  # W&B writes there; made first, as Megatron-LM does
+                    config.wandb_save_dir.mkdir(parents=True, exist_ok=True)
                 self.wandb = wandb.init(
-                    project=config.wandb_project, config=run_config, id=run_id, resume="allow" if run_id else None
+                    project=config.wandb_project,
+                    name=config.wandb_exp_name,
+                    dir=config.wandb_save_dir,
+                    config=run_config,
+                    id=run_id,
+                    resume="allow" if run_id else None,
                 )
         if sys.stdout.isatty() and config.progress:
             from tqdm import tqdm

@@ -34,7 +34,7 @@ from megatron_focusft.convert import trust
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model
 from megatron_focusft.convert.writer_process import prepare_checkpoint_writer
-from megatron_focusft.data.dataset import PackedDataset, PackLoader
+from megatron_focusft.data.dataset import PackLoader, Packs
 from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.flops import peak_tflops, sft_flops
 from megatron_focusft.memory_plan import Layout, Workload
@@ -74,7 +74,7 @@ class Trainer:
     device: torch.device
     tokenizer_dir: Path | None
     run: RunIdentity  # seed, global batch size, pack count: stored in checkpoints, checked on resume
-    valid: PackedDataset | None = None
+    valid: Packs | None = None
     last_saved: int | None = None  # the iteration of the checkpoint written (or resumed from) last
     save_lock: SaveFolderLock | None = None  # rank 0's, on --save, for the life of the run
 
@@ -83,12 +83,15 @@ def setup(plan: TrainPlan) -> Trainer:
     """Build the run :func:`~megatron_focusft.training.plan.plan` checked (collective): parallel state, model
     (weights loaded once), DDP, optimizer, scheduler, the resumed training state, the data loader."""
     cfg = plan.config
-    runtime.initialize(cfg.model.device, cfg.parallel, seed=cfg.batch.seed)
+    runtime.initialize(
+        cfg.model.device, cfg.parallel, seed=cfg.batch.seed, timeout_minutes=cfg.model.distributed_timeout_minutes
+    )
     save_lock = _lock_save_folder(cfg.checkpoints.save)
     if cfg.checkpoints.save is not None:
         prepare_checkpoint_writer()  # now, not at the first save: a pre-emption signal can come at any time
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.model.device == "cuda" else torch.device("cpu")
-    if cfg.checkpoints.load is not None and plan.resume is None and dist.get_rank() == 0:
+    resumable = cfg.checkpoints.load is not None and not cfg.checkpoints.finetune
+    if resumable and plan.resume is None and dist.get_rank() == 0:
         print(
             f"--load {cfg.checkpoints.load} holds no checkpoint yet: starting fresh from "
             f"{cfg.model.pretrained_checkpoint}"
@@ -97,8 +100,13 @@ def setup(plan: TrainPlan) -> Trainer:
     model = _build_model(plan, device)
     ddp = _wrap_ddp(model, cfg.model.device)
     optimizer = build_optimizer(model, ddp, cfg.optimization, device=cfg.model.device, bf16=cfg.model.bf16)
-    scheduler = _build_scheduler(optimizer, plan.schedule)
-    state = load_checkpoint(plan.resume, model, optimizer, scheduler) if plan.resume else TrainState()
+    scheduler = _build_scheduler(optimizer, plan.schedule, override=cfg.checkpoints.override_opt_param_scheduler)
+    state = TrainState()
+    if plan.resume is not None:
+        ckpt = cfg.checkpoints
+        state = load_checkpoint(
+            plan.resume, model, optimizer, scheduler, load_optim=ckpt.load_optim, load_rng=ckpt.load_rng
+        )
     loader = _build_loader(plan, state)
     tokenizer_dir = _stable_tokenizer_dir(plan.source / "tokenizer", cfg.checkpoints.save)
     step = BilevelStep(model, cfg.focusft)
@@ -177,7 +185,9 @@ def _wrap_ddp(model: torch.nn.Module, device: str) -> DistributedDataParallel:
     )
 
 
-def _build_scheduler(optimizer: object, schedule: Schedule) -> OptimizerParamScheduler:
+def _build_scheduler(optimizer: object, schedule: Schedule, *, override: bool = False) -> OptimizerParamScheduler:
+    """Megatron's scheduler for ``schedule``; ``override`` (``--override-opt-param-scheduler``): a resume keeps the
+    checkpoint's step count but these values."""
     sched = schedule.scheduler_state()
     return OptimizerParamScheduler(
         optimizer,
@@ -192,9 +202,9 @@ def _build_scheduler(optimizer: object, schedule: Schedule) -> OptimizerParamSch
         wd_incr_steps=schedule.train_iters,
         wd_incr_style="constant",
         # The flags decide; a resume whose flags differ from the checkpoint's is refused (the plan, and
-        # Megatron's own check when loading), never silently run with the checkpoint's old schedule.
+        # Megatron's own check when loading) unless overridden, never silently run with the checkpoint's old schedule.
         use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=False,
+        override_opt_param_scheduler=override,
     )
 
 
@@ -367,7 +377,8 @@ def _save(t: Trainer) -> str | None:
 def train(config: TrainConfig) -> int:
     """Plan, set up and run training to ``train_iters``; returns the process exit status."""
     stop = _StopSignal()  # before the (long) set-up: a signal then costs one step, not the process
-    t = setup(plan(config))
+    checked = plan(config)
+    t = setup(checked)
     peak = peak_tflops(torch.cuda.get_device_name(), t.meta.dtype) if config.model.device == "cuda" else None
     logger = MetricsLogger(
         config.logging,
@@ -377,6 +388,8 @@ def train(config: TrainConfig) -> int:
         save_dir=config.checkpoints.save,
         run_config=config.to_dict(),
     )
+    for note in checked.notes:
+        logger.message(f"note: {note}")
     if config.parallel.pipeline_model_parallel_size > 1 and dist.get_rank() == 0:
         logger.message(_predicted_pipeline(t))
     try:

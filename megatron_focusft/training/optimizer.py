@@ -25,16 +25,23 @@ Optimizer = Literal["adam", "sgd"]  # adam: AdamW (decoupled weight decay); sgd:
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 DecayStyle = Literal["cosine", "linear", "constant"]  # Megatron's OptimizerParamScheduler styles used here
 DECAY_STYLES: tuple[str, ...] = get_args(DecayStyle)
+# The warm-up share of the decay when neither --lr-warmup-fraction nor --lr-warmup-iters is given (the paper's
+# 10%; Megatron-LM's default is no warm-up).
+DEFAULT_WARMUP_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
 class OptimizationConfig:
-    """The optimizer and its learning-rate schedule (Megatron's ``OptimizerParamScheduler``)."""
+    """The optimizer and its learning-rate schedule (Megatron's ``OptimizerParamScheduler``).  The warm-up is
+    ``lr_warmup_iters``, else ``lr_warmup_fraction`` (default :data:`DEFAULT_WARMUP_FRACTION`) of the decay
+    iterations; the decay lasts ``lr_decay_iters``, else the whole run."""
 
     optimizer: Optimizer = "adam"
     lr: float = 1e-5
     min_lr: float = 0.0
-    lr_warmup_fraction: float = 0.1
+    lr_warmup_fraction: float | None = None
+    lr_warmup_iters: int | None = None
+    lr_decay_iters: int | None = None
     lr_decay_style: DecayStyle = "cosine"
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
