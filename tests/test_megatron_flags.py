@@ -92,6 +92,7 @@ def megatron_run(setup_files, second_dataset, tmp_path_factory) -> tuple[list[st
     return argv, save, done.stdout
 
 
+@pytest.mark.slow
 def test_a_megatron_lm_sft_launch_line_runs_on_cpu(megatron_run, tmp_path):
     argv, save, log = megatron_run
     assert "note: --use-distributed-optimizer: not used with --device cpu" in log
