@@ -96,6 +96,7 @@ def _logged(log: Path, field: str) -> dict[int, float]:
     """``field``'s value on each ``step i/N | ...`` line of a console log."""
     out = {}
     for line in log.read_text().splitlines():
+        line = line.split("] ", 1)[-1]  # after the timestamp
         if line.startswith("step ") and f"| {field} " in line:
             out[int(line.split()[1].split("/")[0])] = float(line.split(f"| {field} ")[1].split()[0])
     return out

@@ -6,7 +6,7 @@ logged step, TensorBoard scalars and W&B), so every column is read from where it
 - metrics: the TensorBoard events (``--tensorboard-dir``; ``examples/run_focusft_qwen7b.sh`` writes them to
   ``SAVE/tensorboard``): each logged step's fields (``train/loss``, ``train/global_tokens_per_s``, and on GPU
   ``train/mfu`` and ``train/peak_mem_gib``) and ``valid/loss``, as logged (float32).  Only without events,
-  the console log's ``step i/N | field value | ...`` lines: the same fields, rounded to 4-5 digits.
+  the console log's ``[time] step i/N | field value | ...`` lines: the same fields, rounded to 4-5 digits.
 - step time: only the events' wall-clock times record it: the time between two logged steps of one launch
   over the steps between them.  It includes what the loop does between steps (the divergence check, and a
   validation or a checkpoint where one falls: the median leaves those out).  The first ``warmup`` logged
@@ -39,7 +39,7 @@ from megatron_focusft.models.qwen2 import PRESETS, ConfigError, Qwen2Arch
 
 EVAL_FILE = "eval.json"
 METHODS = {"sft": "SFT", "focusft": "FocuSFT"}
-_STEP_LINE = re.compile(r"step (\d+)/(\d+) \| (.*)")
+_STEP_LINE = re.compile(r"(?:\[[^\]]*\] )?step (\d+)/(\d+) \| (.*)")  # after the trainer's timestamp
 _VALID_LOSS = re.compile(r"valid loss (\S+)")
 _LAYOUT_SIZE = re.compile(r"\b(TP|PP|CP|DP)=(\d+)\b")
 

@@ -48,7 +48,8 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, dtype: torch.dtype, progress: bo
     model = build_model(arch, DenseAttention, params_dtype=dtype, perform_initialization=False)
     fill_from_hf(model, reader, dtype, progress=progress and rank0)
     with atomic_output_dir(out_dir) as tmp:
-        save_model(model, tmp, CheckpointMeta(arch, dtype, token_ids=hf_token_ids(config)))
+        origin = {"hf_dir": str(hf_dir.resolve())}  # the base model of everything trained from it
+        save_model(model, tmp, CheckpointMeta(arch, dtype, token_ids=hf_token_ids(config), origin=origin))
         if rank0:
             copy_tokenizer_files(hf_dir, tmp / "tokenizer")
         seal_checkpoint(tmp)
