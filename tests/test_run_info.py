@@ -1,7 +1,8 @@
 """What a run tells its user, on a real tiny run of tools/train.py (in this process, two launches: stopped at
 iteration 2 by --exit-interval, then resumed to 4 with validation and an export): the configuration block at
 the start, the resume and save lines with their numbers, timestamps; ``run_config.json`` and
-``metrics.jsonl`` hold what the run did; missing logging packages stop the run before anything is built."""
+``metrics.jsonl`` hold what the run did; missing logging packages stop the run before anything is built; the
+exported folders (training's and the converter's) carry a model card of what the run recorded."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_focusft.data.preprocess import Stats
 from megatron_focusft.run_record import METRICS_FILE, RUN_CONFIG_FILE, read_metrics, to_json
 from megatron_focusft.training import loop
 from megatron_focusft.training.arguments import parse_args
@@ -47,10 +49,30 @@ def _launch(argv: list[str]) -> tuple[str, str]:
     return out.getvalue(), err.getvalue()
 
 
+# What tools/preprocess_data.py adds to PREFIX.json (its Stats, and how it rendered), made up for these packs.
+PREPROCESSED = {
+    "renderer": "qwen2.5",
+    "loss_on": "all",
+    "stats": Stats(
+        conversations_read=43,
+        conversations_emitted=40,
+        skipped={"overlong": 2, "bad_record": 1},
+        truncated=0,
+        tokens=820,
+        response_tokens=301,
+        packs=14,
+        pack_length=64,
+        packing_efficiency=0.9151785714285714,
+        response_fraction=301 / 820,
+    ).to_dict(),
+}
+
+
 @pytest.fixture(scope="module")
 def run(setup_files, tmp_path_factory) -> dict:
-    ckpt, data = setup_files
+    ckpt, _ = setup_files
     root = tmp_path_factory.mktemp("runinfo")
+    data = tiny_dataset(root / "train", num_docs=40, meta=PREPROCESSED)
     valid = tiny_dataset(root / "valid", num_docs=8, seed=3)
     save = root / "run"
     first = _argv(ckpt, data, valid, save, "--exit-interval", str(HALF))
@@ -232,3 +254,90 @@ def test_a_missing_logging_package_is_a_one_line_error_before_anything_is_built(
     want = f"error: {flag} needs the {package} package, which is not installed (pip install {package})\n"
     assert captured.err == want and captured.out == ""
     assert not (tmp_path / "save").exists()
+
+
+def _card(folder: Path) -> tuple[str, dict[str, str]]:
+    """A model card's text and its two-column table rows (``| name | value |``)."""
+    text = (folder / "README.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")] if line.startswith("| ") else []
+        if len(cells) == 2 and cells[0]:
+            rows[cells[0]] = cells[1]
+    return text, rows
+
+
+def test_the_export_carries_a_model_card_of_what_the_run_recorded(run):
+    hf, save = run["root"] / "hf", run["save"]
+    text, rows = _card(hf)
+    assert text.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n")
+    assert "- focusft\n---\n\n# hf\n" in text
+    base = (run["ckpt"].parent / "hf").resolve()
+    assert f"The Hugging Face folder `{base}`, converted into the megatron_focusft checkpoint `{run['ckpt']}`" in text
+    assert "162,624) parameters (3 layers, hidden size 64" in text  # the exported tensors
+    stats = PREPROCESSED["stats"]
+    assert (rows["documents (conversations)"], rows["tokens"], rows["packs"]) == ("40", "820", "14")
+    assert rows["response tokens (trained on)"] == f"301 ({100 * stats['response_fraction']:.1f}%)" == "301 (36.7%)"
+    assert (rows["skipped when preprocessing"], rows["conversations read"], rows["chat rendering"]) == (
+        "3",
+        "43",
+        "qwen2.5",
+    )
+    want = {
+        "inner steps K": "2",
+        "inner learning rate": "1",
+        "inner gradient clip (per tensor)": "1",
+        "fast-weight LoRA rank / alpha": "8 / 64",
+        "layer fraction (fast layers)": "0.35 (layers 1-2, 0-based, of 3)",
+        "attention mask": "glm",
+        "iterations": "4 of 4 planned",
+        "global batch (packs)": "2",
+        "seed": "3",
+        "layout": "1 CPU process: TP 1 x PP 1 x CP 1 x DP 1",
+    }
+    assert {k: rows[k] for k in want} == want
+    records = read_metrics(save / METRICS_FILE)
+    last, valid = records[-2], records[-1]
+    assert (last["kind"], last["iteration"], valid["kind"], valid["iteration"]) == ("train", 4, "valid", 4)
+    assert rows["train loss (iteration 4)"] == f"{last['loss']:.4f}"
+    assert rows["validation loss (iteration 4)"] == f"{valid['loss']:.4f}"
+    assert "Not recorded: no `eval.json`" in text and "not recorded |" not in text  # the run recorded the rest
+    assert json.loads((hf / "training_args.json").read_text()) == json.loads((save / RUN_CONFIG_FILE).read_text())
+
+
+def test_the_converter_writes_the_card_of_the_checkpoint_it_exports(run, tmp_path):
+    from megatron_focusft.analysis.evaluate import results_document
+    from tools import convert_megatron_to_hf
+
+    save = run["save"]
+    results = [
+        {"task": "babilong_qa1", "length": 1024, "score": 1.0, "dtype": "float32"},
+        {"task": "babilong_qa1", "length": 1024, "score": 0.0, "dtype": "float32"},
+        {"task": "ruler_vt", "length": 2048, "score": 1.0, "dtype": "float32"},
+    ]
+    (save / "eval.json").write_text(json.dumps(results_document(str(save), 5, 2, results)))
+    out = tmp_path / "iter2-hf"
+    argv = ["--ckpt", str(save / "iter_0000002"), "--out", str(out), "--no-progress"]
+    assert convert_megatron_to_hf.main(argv) == 0
+    text, rows = _card(out)
+    records = read_metrics(save / METRICS_FILE)
+    train2 = next(r for r in records if (r["kind"], r["iteration"]) == ("train", 2))
+    valid2 = next(r for r in records if (r["kind"], r["iteration"]) == ("valid", 2))
+    assert rows["iterations"] == "2 of 4 planned" and "exported from iteration 2 of" in text
+    assert rows["train loss (iteration 2)"] == f"{train2['loss']:.4f}"
+    assert rows["validation loss (iteration 2)"] == f"{valid2['loss']:.4f}"
+    assert f"`tools/evaluate.py` on `{save}` (2 samples per task and length, seed 5, float32)" in text
+    assert (
+        "| task | 1024 tokens | 2048 tokens |\n|---|---:|---:|\n| babilong_qa1 | 50.0 | - |\n| ruler_vt | - | 100.0 |"
+        in text
+    )
+    assert (out / "training_args.json").is_file()
+    # A checkpoint that is no training run's: the model and its origin only, no settings file.
+    plain = tmp_path / "plain-hf"
+    assert convert_megatron_to_hf.main(["--ckpt", str(run["ckpt"]), "--out", str(plain), "--no-progress"]) == 0
+    text, _ = _card(plain)
+    assert "Not recorded: no training run's `run_config.json` is beside this checkpoint." in text
+    assert (
+        f"The Hugging Face folder `{(run['ckpt'].parent / 'hf').resolve()}`, converted into a megatron_focusft" in text
+    )
+    assert not (plain / "training_args.json").exists()

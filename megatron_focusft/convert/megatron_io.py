@@ -321,10 +321,12 @@ def export_hf(
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = False,
     token_ids: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write a (possibly TP-split) model as a Hugging Face folder: safetensors shards + index, config.json
-    (with ``token_ids``, the checkpoint's ``CheckpointMeta.token_ids``), tokenizer files.  Collective; rank 0
-    writes, tensor by tensor."""
+    (with ``token_ids``, the checkpoint's ``CheckpointMeta.token_ids``), tokenizer files, and ``extra_files``
+    (``{name: text}``, e.g. the model card: inside the folder before it appears, like the rest).  Collective;
+    rank 0 writes, tensor by tensor."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     with atomic_output_dir(Path(out_dir)) as tmp:
         plan = [(n, dtype, hf_shape(n, arch)) for _, sources in megatron_sources(arch) for n in sources]
@@ -346,3 +348,5 @@ def export_hf(
             )
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
                 copy_tokenizer_files(tokenizer_dir, tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)

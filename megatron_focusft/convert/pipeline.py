@@ -62,9 +62,11 @@ def megatron_to_hf(
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = True,
     checksums: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Convert a megatron_focusft checkpoint (or a training run's latest) into a HF folder (TP=1);
-    ``checksums``: hash its files against its ``checksums.json`` first."""
+    ``checksums``: hash its files against its ``checksums.json`` first; ``extra_files``: ``{name: text}``
+    written into the folder too (the model card)."""
     model, meta, ckpt_dir = load_checkpoint_model(ckpt, DenseAttention, checksums)
     export_hf(
         model,
@@ -75,6 +77,7 @@ def megatron_to_hf(
         max_shard_bytes,
         progress,
         meta.token_ids,
+        extra_files,
     )
 
 

@@ -43,13 +43,16 @@ from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
 from megatron_focusft.models.qwen2 import Qwen2Arch
 from megatron_focusft.pipeline.cost import pipeline_cost
 from megatron_focusft.run_record import (
+    METRICS_FILE,
     RUN_CONFIG_FILE,
     RUN_CONFIG_FORMAT,
     RUN_CONFIG_VERSION,
     iso_utc,
+    read_metrics,
     write_run_config,
 )
 from megatron_focusft.schedule import PipelineStep
+from megatron_focusft.training import model_card
 from megatron_focusft.training.arguments import parse_args
 from megatron_focusft.training.checkpoint import RunIdentity, TrainState, load_checkpoint, save_checkpoint
 from megatron_focusft.training.config import TrainConfig
@@ -470,7 +473,7 @@ def train(config: TrainConfig) -> int:
     if config.parallel.pipeline_model_parallel_size > 1 and dist.get_rank() == 0:
         logger.message(_predicted_pipeline(t))
     try:
-        return _run(t, logger, stop)
+        return _run(t, logger, stop, record)
     finally:
         logger.close()
         if t.save_lock is not None:
@@ -511,8 +514,9 @@ def _predicted_pipeline(t: Trainer) -> str:
     return f"pipeline: {layout.pipeline_split(t.arch.num_layers).describe()}; predicted per stage:\n{cost.table()}"
 
 
-def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal) -> int:
-    """The loop, top to bottom: step, log, validate, check for divergence, save, stop; then finish."""
+def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal, record: dict) -> int:
+    """The loop, top to bottom: step, log, validate, check for divergence, save, stop; then finish (``record``:
+    this launch's ``run_config.json``, for the exported model's card)."""
     cfg = t.train_config
     ckpt, eval_interval = cfg.checkpoints, cfg.data.eval_interval
     monitor = DivergenceMonitor(cfg.checks)
@@ -562,9 +566,25 @@ def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal) -> int:
                 t.tokenizer_dir,
                 progress=interactive(cfg.logging),
                 token_ids=t.meta.token_ids,
+                extra_files=_card_files(t, logger, record) if logger.rank0 else None,
             )
             logger.message(f"exported the model to {ckpt.export_hf} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _card_files(t: Trainer, logger: MetricsLogger, record: dict) -> dict[str, str]:
+    """The exported folder's ``README.md`` and ``training_args.json`` (rank 0): this launch's record and the
+    run's ``metrics.jsonl`` (every launch's steps; without ``--save``, this launch's last records)."""
+    save = t.train_config.checkpoints.save
+    metrics_file = Path(save) / METRICS_FILE if save is not None else None
+    if metrics_file is not None and metrics_file.is_file():
+        metrics = read_metrics(metrics_file)
+    else:
+        metrics = list(logger.latest.values())
+    facts = model_card.facts_from_records(
+        t.arch, t.meta.dtype, t.state.iteration, t.meta.origin, t.tokenizer_dir, record, metrics, save
+    )
+    return model_card.card_files(facts, Path(t.train_config.checkpoints.export_hf).name)
 
 
 def _save_or_say(t: Trainer, logger: MetricsLogger) -> bool:
