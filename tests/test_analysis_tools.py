@@ -59,6 +59,7 @@ def test_analyze_attention_tool_compare_and_plots(work):
     doc = json.loads(out.read_text())
     assert len(doc["a"]["layers"]) == 2 and doc["a"]["attention_mask"] == "causal"
     assert doc["b"]["attention_mask"] == "glm"
+    assert doc["a"]["iteration"] == doc["b"]["iteration"] == 0  # a converted checkpoint
     layer = doc["a"]["layers"][0]
     assert {"layer", "sink_mass", "context_engagement", "system_user", "tool", "profile"} <= set(layer)
     assert layer["tool"] > 0 and layer["system_user"] > 0

@@ -8,6 +8,7 @@ import csv
 import importlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import struct
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 from megatron_focusft.analysis import evaluate as ev
 from megatron_focusft.analysis import runs
+from megatron_focusft.run_record import METRICS_FILE, read_metrics
 from megatron_focusft.training import loop
 from tests.training_fixtures import tiny_dataset
 
@@ -96,6 +98,7 @@ def _logged(log: Path, field: str) -> dict[int, float]:
     """``field``'s value on each ``step i/N | ...`` line of a console log."""
     out = {}
     for line in log.read_text().splitlines():
+        line = line.split("] ", 1)[-1]  # after the timestamp
         if line.startswith("step ") and f"| {field} " in line:
             out[int(line.split()[1].split("/")[0])] = float(line.split(f"| {field} ")[1].split()[0])
     return out
@@ -105,33 +108,62 @@ def _tool():
     return importlib.import_module("tools.collect_runs")
 
 
+def _train_records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / METRICS_FILE) if r["kind"] == "train"]
+
+
 def test_every_number_is_what_the_runs_files_hold(study, setup_files):
+    """The runs' own records (metrics.jsonl, run_config.json) are the source; TensorBoard holds the same."""
     sft, focusft = runs.collect([study / "sft", study / "focusft"], WARMUP)
     hf = load_file(setup_files[0].parent / "hf" / "model.safetensors")
     for row, name in ((sft, "sft"), (focusft, "focusft")):
-        tb = _scalars(study / name)
-        times = [t for t, _, _ in tb["train/loss"]]
-        assert row.metrics_source == "tensorboard"
+        steps, tb = _train_records(study / name), _scalars(study / name)
+        assert row.metrics_source == "metrics.jsonl"
         assert (row.model, row.parameters) == ("custom", sum(t.numel() for t in hf.values()))
         assert row.iterations == 3 and row.timed_steps == 2 and row.warmup_steps_skipped == WARMUP
-        assert row.step_time_s == statistics.median([b - a for a, b in zip(times, times[1:])])
-        assert row.tokens_per_s == statistics.median([v for _, _, v in tb["train/global_tokens_per_s"][1:]])
-        assert row.train_loss == tb["train/loss"][-1][2]
+        assert row.step_time_s == statistics.median([r["step_s"] for r in steps[WARMUP:]])
+        assert row.tokens_per_s == statistics.median([r["global_tokens_per_s"] for r in steps[WARMUP:]])
+        assert row.tokens_per_s == pytest.approx(
+            statistics.median([v for _, _, v in tb["train/global_tokens_per_s"][1:]])
+        )
+        assert row.train_loss == steps[-1]["loss"] == pytest.approx(tb["train/loss"][-1][2], rel=1e-6)
         assert row.train_loss == pytest.approx(_logged(study / name / LOGS[name], "loss")[3], abs=1e-4)
         assert row.mfu is None and row.peak_memory_gib is None  # logged on GPU only
+        assert row.layout == "TP=1 PP=1 CP=1 DP=1"  # run_config.json: what the run ran with
     assert (sft.method, focusft.method) == ("sft", "focusft")
     assert "train/inner_loss_before" in _scalars(study / "focusft")
     assert (sft.planned_iterations, sft.status) == (3, "finished")
     assert (focusft.planned_iterations, focusft.status) == (4, "stopped early")
-    assert (sft.valid_loss, sft.valid_iteration) == (_scalars(study / "sft")["valid/loss"][-1][2], 3)
+    valid = [r for r in read_metrics(study / "sft" / METRICS_FILE) if r["kind"] == "valid"]
+    assert (sft.valid_loss, sft.valid_iteration) == (valid[-1]["loss"], 3)
+    assert sft.valid_loss == pytest.approx(_scalars(study / "sft")["valid/loss"][-1][2], rel=1e-6)
     assert focusft.valid_loss is None and focusft.valid_iteration is None  # stopped before validating
-    assert sft.layout is None  # a plain train.py log states none
-    sizes = dict(kv.split("=") for kv in focusft.layout.split())
-    assert {sizes.pop(k) for k in ("TP", "CP", "DP")} == {"1"} and set(sizes.values()) <= {"1"}
     assert (sft.eval_score, sft.eval_cells) == (None, None)
     assert (focusft.eval_score, focusft.eval_cells) == (75.0, 2)
     ratios, notes = runs.step_time_overhead([sft, focusft])
     assert ratios == {("custom", sft.parameters): focusft.step_time_s / sft.step_time_s} and notes == []
+
+
+def test_runs_without_their_records_are_read_from_tensorboard_and_logs(study, tmp_path):
+    """Runs from before metrics.jsonl and run_config.json: the events and the console logs, as before."""
+    older = {}
+    for name in ("sft", "focusft"):
+        shutil.copytree(study / name, tmp_path / name, ignore=shutil.ignore_patterns(METRICS_FILE, "run_config*"))
+        older[name] = runs.read_run(tmp_path / name, WARMUP)
+    sft, focusft = older["sft"], older["focusft"]
+    for row, name in ((sft, "sft"), (focusft, "focusft")):
+        tb = _scalars(study / name)
+        times = [t for t, _, _ in tb["train/loss"]]
+        assert row.metrics_source == "tensorboard"
+        assert row.iterations == 3 and row.timed_steps == 2 and row.warmup_steps_skipped == WARMUP
+        assert row.step_time_s == statistics.median([b - a for a, b in zip(times, times[1:])])
+        assert row.tokens_per_s == statistics.median([v for _, _, v in tb["train/global_tokens_per_s"][1:]])
+        assert row.train_loss == tb["train/loss"][-1][2]
+    assert (sft.planned_iterations, focusft.planned_iterations) == (3, 4)  # the console logs' step i/N
+    assert (sft.valid_loss, sft.valid_iteration) == (_scalars(study / "sft")["valid/loss"][-1][2], 3)
+    assert sft.layout is None  # a plain train.py log states none
+    sizes = dict(kv.split("=") for kv in focusft.layout.split())  # the run script's line
+    assert {sizes.pop(k) for k in ("TP", "CP", "DP")} == {"1"} and set(sizes.values()) <= {"1"}
 
 
 def test_a_log_file_alone_gives_its_rounded_numbers_and_no_step_time(study):
@@ -155,7 +187,8 @@ def test_the_tool_writes_the_table_csv_json_and_plot(study, tmp_path, capsys):
     table = capsys.readouterr().out
     header, _, sft, focusft = table.splitlines()[:4]
     assert header == "| " + " | ".join(runs.COLUMNS) + " |"
-    assert sft.startswith("| sft | custom |") and "| SFT | - | 3/3 |" in sft and sft.endswith("| no eval |")
+    assert sft.startswith("| sft | custom |") and "| SFT | TP=1 PP=1 CP=1 DP=1 | 3/3 |" in sft
+    assert sft.endswith("| no eval |")
     assert "| FocuSFT | TP=" in focusft and "| 3/4 (stopped early) |" in focusft
     assert focusft.endswith("| - | 75.0 (2 cells) |")  # no validation loss; the eval file's mean
     rows = runs.collect([study / "sft", study / "focusft"], WARMUP)

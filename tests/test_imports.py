@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("package root",  False, ("__init__",)),
     ("data",          False, ("data",)),
     ("model pieces",  True,  ("masks", "config", "runtime", "models", "attention", "fast_weights", "memory_plan",
-                              "flops", "convert", "flags", "pipeline")),
+                              "flops", "convert", "flags", "pipeline", "run_record")),
     ("bilevel step",  False, ("bilevel",)),
     ("schedule",      False, ("schedule",)),
     ("applications",  False, ("training", "benchmark", "analysis")),

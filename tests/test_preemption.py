@@ -34,7 +34,7 @@ def _read_until(proc: subprocess.Popen, prefix: str, seconds: float = 180) -> li
     lines, deadline = [], time.time() + seconds
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith(prefix) or time.time() > deadline:
+        if f"] {prefix}" in line or time.time() > deadline:  # the trainer's lines start with the time
             break
     return lines
 

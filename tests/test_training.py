@@ -163,7 +163,7 @@ def test_sigterm_leaves_a_loadable_checkpoint(setup_files, tmp_path):
     deadline = time.time() + 120
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("step 3/") or time.time() > deadline:
+        if "] step 3/" in line or time.time() > deadline:  # after the timestamp
             break
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=120)
@@ -213,7 +213,7 @@ def test_sigusr1_under_the_slurm_launch_form_saves(setup_files, tmp_path):
     deadline = time.time() + 120
     for line in procs[0].stdout:  # rank 0 logs
         lines.append(line)
-        if line.startswith("step 2/") or time.time() > deadline:
+        if "] step 2/" in line or time.time() > deadline:
             break
     procs[1].send_signal(signal.SIGUSR1)  # the wrapper exec'd the worker: this pid is the Python process
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -538,7 +538,7 @@ def test_training_logs_the_validation_loss(setup_files, tmp_path, capfd):
     argv = _argv(ckpt, data, tmp_path, "--global-batch-size", "2", "--train-iters", "3", "--valid-data-path", valid)
     _train(1, [*argv, "--eval-interval", "2", "--lr", "0", "--min-lr", "0"])
     lines = [x for x in capfd.readouterr().out.splitlines() if "valid loss" in x]
-    assert [x.split(" | ")[0] for x in lines] == ["step 2/3", "step 3/3"]
+    assert [x.split("] ", 1)[1].split(" | ")[0] for x in lines] == ["step 2/3", "step 3/3"]  # after the time
     want = _oracle_valid_loss(ckpt.parent / "hf", valid, "glm")  # lr 0: the weights stay the pretrained ones
     assert float(lines[-1].split("valid loss ")[1].split()[0]) == pytest.approx(want, rel=1e-3)
 

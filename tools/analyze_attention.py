@@ -10,7 +10,9 @@ turns) and positional profile of a checkpoint on conversations; optionally two c
 ``--data``: a JSONL file of conversations (rendered with the checkpoint's tokenizer/ folder) or a packed
 dataset PREFIX from tools/preprocess_data.py (every conversation of the packs is one sample).
 Attention is computed in chunks of query rows (never an S x S x heads tensor); ``--tp N`` splits the heads
-over N processes.  Exit status: 0 on success, 2 on bad usage.
+over N processes.  The JSON names each checkpoint and its iteration; the figures (``--plots``:
+``megatron_focusft/analysis/plots.py``) label each by its folder's name, iteration and mask.
+Exit status: 0 on success, 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -62,13 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _analyze_one(args, ckpt: str, mode: str):
+    """(statistics, the checkpoint's iteration) of one checkpoint under ``mode``."""
     import torch.distributed as dist
 
     from megatron_focusft.analysis.analyze import analyze, load_probe_model, load_samples
-    from megatron_focusft.convert.megatron_io import resolve_checkpoint
+    from megatron_focusft.convert.megatron_io import CheckpointMeta, resolve_checkpoint
     from megatron_focusft.data import load_tokenizer
 
-    tok_dir = args.tokenizer or str(resolve_checkpoint(ckpt) / "tokenizer")  # the analysed checkpoint's
+    folder = resolve_checkpoint(ckpt)
+    tok_dir = args.tokenizer or str(folder / "tokenizer")  # the analysed checkpoint's
     tokenizer = load_tokenizer(tok_dir)
     samples = load_samples(args.data, tokenizer, limit=args.samples, max_length=args.max_length)
     model, arch = load_probe_model(ckpt, checksums=not args.no_verify_checksums)
@@ -79,7 +83,7 @@ def _analyze_one(args, ckpt: str, mode: str):
     if args.device == "cuda":
         model = model.cuda()
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    return analyze(
+    stats = analyze(
         model,
         samples,
         mode,
@@ -90,22 +94,25 @@ def _analyze_one(args, ckpt: str, mode: str):
         fold_vocab=args.fold_oversized_ids,
         source=f"tokenizer {tok_dir}, checkpoint {ckpt}",
     )
+    return stats, CheckpointMeta.read(folder).iteration  # the metadata was checked when the model loaded
 
 
 def run(args) -> dict:
     """Every rank: analyse (and compare); returns the JSON document."""
     import numpy as np
 
-    stats = {"a": _analyze_one(args, args.ckpt, args.attention_mask)}
+    stats, iterations = {}, {}
+    stats["a"], iterations["a"] = _analyze_one(args, args.ckpt, args.attention_mask)
     if args.compare:
-        stats["b"] = _analyze_one(args, args.compare, args.compare_attention_mask or args.attention_mask)
-    doc = {"ckpt": str(args.ckpt), "data": args.data, **stats["a"].to_json()}
+        mode = args.compare_attention_mask or args.attention_mask
+        stats["b"], iterations["b"] = _analyze_one(args, args.compare, mode)
+    doc = {"ckpt": str(args.ckpt), "iteration": iterations["a"], "data": args.data, **stats["a"].to_json()}
     if args.compare:
         a, b = stats["a"], stats["b"]
         eps = 1e-12
         doc = {
-            "a": {"ckpt": str(args.ckpt), **a.to_json()},
-            "b": {"ckpt": str(args.compare), **b.to_json()},
+            "a": {"ckpt": str(args.ckpt), "iteration": iterations["a"], **a.to_json()},
+            "b": {"ckpt": str(args.compare), "iteration": iterations["b"], **b.to_json()},
             "ratios": {
                 "sink_mass_a_over_b": [float(x) for x in a.sink_mass / np.maximum(b.sink_mass, eps)],
                 "context_engagement_b_over_a": [
@@ -117,7 +124,7 @@ def run(args) -> dict:
                 ),
             },
         }
-    return {"doc": doc, "stats": stats}
+    return {"doc": doc, "stats": stats, "iterations": iterations}
 
 
 def main(argv=None) -> int:
@@ -161,13 +168,25 @@ def main(argv=None) -> int:
     if args.plots:
         from megatron_focusft.analysis.plots import write_plots
 
-        names = {"a": Path(str(args.ckpt)).name or "a", "b": Path(str(args.compare)).name or "b"}
-        if args.compare and names["a"] == names["b"]:
-            names = {"a": "a", "b": "b"}
-        for path in write_plots({names[k]: v for k, v in stats.items()}, args.plots):
+        for path in write_plots(_plot_runs(args, stats, out["iterations"]), args.plots):
             print(f"wrote {path}")
     print(f"wrote {args.json}")
     return 0
+
+
+def _plot_runs(args, stats: dict, iterations: dict) -> list:
+    """The checkpoints as the figures label them: the folder's name (the paths as given where the two names
+    are the same), its iteration and the pass's mask; "a: " / "b: " in front where that still reads the same."""
+    from megatron_focusft.analysis.plots import PlotRun
+
+    paths = {"a": str(args.ckpt), "b": str(args.compare)}
+    names = {k: Path(p).name or p for k, p in paths.items()}
+    if args.compare and names["a"] == names["b"]:
+        names = paths
+    runs = [PlotRun(names[k], iterations[k], st) for k, st in stats.items()]
+    if len(runs) == 2 and runs[0].label == runs[1].label:
+        runs = [PlotRun(f"{k}: {r.model}", r.iteration, r.stats) for k, r in zip("ab", runs)]
+    return runs
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ validation loss, evaluation score), read from what each run wrote; a Markdown ta
     python tools/collect_runs.py runs/study/*/ --csv runs.csv --json runs.json --plot scaling.png
     python tools/collect_runs.py runs/qwen7b-sft/ slurm-1234.log --warmup-steps 20
 
-A RUN is a ``tools/train.py`` run folder (its ``--save`` folder or a log folder: TensorBoard events anywhere
-below it, ``*.log`` console logs, checkpoints, ``eval.json`` from ``tools/evaluate.py --json``) or one console
-log file.  Where each column comes from, and why: ``megatron_focusft/analysis/runs.py``.  ``--plot``: the
-evaluation score and FocuSFT's step-time overhead (FocuSFT / SFT step time) against model size.  Exit
-status: 0 on success, 2 when a RUN is not a run or cannot be read.
+A RUN is a ``tools/train.py`` run folder (its ``--save`` folder or a log folder: its ``metrics.jsonl`` and
+``run_config.json``, else TensorBoard events anywhere below it, ``*.log`` console logs; checkpoints,
+``eval.json`` from ``tools/evaluate.py --json``) or one console log file.  Where each column comes from, and
+why: ``megatron_focusft/analysis/runs.py``.  ``--plot``: the evaluation score and FocuSFT's step-time overhead
+(FocuSFT / SFT step time) against model size.  Exit status: 0 on success, 2 when a RUN is not a run or cannot
+be read.
 """
 
 from __future__ import annotations

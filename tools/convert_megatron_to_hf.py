@@ -4,7 +4,10 @@
     python tools/convert_megatron_to_hf.py --ckpt runs/qwen7b --out qwen7b-focusft-hf
 
 The folder (sharded safetensors + index, config.json, tokenizer files) loads with
-``transformers.AutoModelForCausalLM``.  Fast weights are never exported.
+``transformers.AutoModelForCausalLM``.  Fast weights are never exported.  It gets a model card (README.md: the
+base model, data, settings, steps, losses and evaluation the run recorded, when the checkpoint is an
+``iter_*`` of a training ``--save`` folder; ``megatron_focusft/training/model_card.py``) and, from a training
+run, its settings as ``training_args.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from megatron_focusft import flags, runtime
 from megatron_focusft.convert import pipeline
 from megatron_focusft.convert.megatron_io import DTYPES, resolve_checkpoint
 from megatron_focusft.models.qwen2 import ConfigError
+from megatron_focusft.training import model_card
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = resolve_checkpoint(args.ckpt)
         if args.out.exists():
             raise ConfigError(f"{args.out} already exists; choose a new output folder (nothing was written)")
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        try:  # plain JSON files; the checkpoint's own files are checked before the export reads them
+            card = model_card.card_files(model_card.facts_of_checkpoint(ckpt, dtype), args.out.name)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{ckpt}: its run's records are unreadable ({e})") from None
         start = time.perf_counter()
         runtime.launch_cpu_processes(
             pipeline.megatron_to_hf,
@@ -46,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             args=(
                 ckpt,
                 args.out,
-                DTYPES[args.dtype] if args.dtype else None,
+                dtype,
                 int(args.max_shard_size_gb * 1024**3),
                 not args.no_progress,
                 not args.no_verify_checksums,
+                card,
             ),
         )
     except ConfigError as e:

@@ -1,19 +1,23 @@
 """The scaling study's table: one row per training run of ``tools/train.py``, read from what the run wrote.
 
-A run keeps no record of its settings or of its step times (``training/logger.py`` writes a console line per
-logged step, TensorBoard scalars and W&B), so every column is read from where it is actually recorded:
+Every column is read from where it is actually recorded, the run's own records first
+(:mod:`megatron_focusft.run_record`: ``SAVE/metrics.jsonl`` and ``SAVE/run_config.json``, written by runs since
+they exist); for older runs, from what those wrote (TensorBoard events, console logs):
 
-- metrics: the TensorBoard events (``--tensorboard-dir``; ``examples/run_focusft_qwen7b.sh`` writes them to
+- metrics: ``metrics.jsonl`` (every step: each logged field at full precision, the step's own time); else the
+  TensorBoard events (``--tensorboard-dir``; ``examples/run_focusft_qwen7b.sh`` writes them to
   ``SAVE/tensorboard``): each logged step's fields (``train/loss``, ``train/global_tokens_per_s``, and on GPU
-  ``train/mfu`` and ``train/peak_mem_gib``) and ``valid/loss``, as logged (float32).  Only without events,
-  the console log's ``step i/N | field value | ...`` lines: the same fields, rounded to 4-5 digits.
-- step time: only the events' wall-clock times record it: the time between two logged steps of one launch
-  over the steps between them.  It includes what the loop does between steps (the divergence check, and a
-  validation or a checkpoint where one falls: the median leaves those out).  The first ``warmup`` logged
-  steps of every launch (a requeued job starts again) are left out of the medians; at least the first,
-  whose start nothing records.
-- planned iterations (did the run stop early?) and the layout: the console log (the N of ``step i/N``; the
-  run script's ``# FocuSFT Qwen2.5-72B: ... TP=8 PP=2 CP=2 SP=1 DP=1 ...`` line: its TP, PP, CP and DP).
+  ``train/mfu`` and ``train/peak_mem_gib``) and ``valid/loss``, as logged (float32); else the console log's
+  ``[time] step i/N | field value | ...`` lines: the same fields, rounded to 4-5 digits.
+- step time: ``metrics.jsonl``'s ``step_s`` of each step (the step alone: a validation or a checkpoint after
+  it is not in it).  From events, only their wall-clock times record it: the time between two logged steps of
+  one launch over the steps between them, which includes what the loop does between steps (the divergence
+  check, and a validation or a checkpoint where one falls: the median leaves those out).  The first
+  ``warmup`` logged steps of every launch (a requeued job starts again) are left out of the medians; at least
+  the first, whose start the events do not record.
+- planned iterations (did the run stop early?) and the layout: ``run_config.json`` (its ``train_iters``; its
+  TP, PP, CP and DP: what the latest launch ran with); else the console log (the N of ``step i/N``; the run
+  script's ``# FocuSFT Qwen2.5-72B: ... TP=8 PP=2 CP=2 SP=1 DP=1 ...`` line).
 - model: the latest checkpoint's ``focusft_checkpoint.json`` (the preset whose shape it has, else "custom";
   the parameter count).
 - method: FocuSFT where the run logged inner-loop losses (``inner_loss_before``, logged whenever the inner
@@ -36,10 +40,11 @@ from pathlib import Path
 from megatron_focusft.convert.megatron_io import CheckpointMeta, latest_checkpoint
 from megatron_focusft.memory_plan import parameter_count
 from megatron_focusft.models.qwen2 import PRESETS, ConfigError, Qwen2Arch
+from megatron_focusft.run_record import METRICS_FILE, read_metrics, read_run_config
 
 EVAL_FILE = "eval.json"
 METHODS = {"sft": "SFT", "focusft": "FocuSFT"}
-_STEP_LINE = re.compile(r"step (\d+)/(\d+) \| (.*)")
+_STEP_LINE = re.compile(r"(?:\[[^\]]*\] )?step (\d+)/(\d+) \| (.*)")  # after the trainer's timestamp
 _VALID_LOSS = re.compile(r"valid loss (\S+)")
 _LAYOUT_SIZE = re.compile(r"\b(TP|PP|CP|DP)=(\d+)\b")
 
@@ -50,11 +55,13 @@ class CollectError(ValueError):
 
 @dataclass(frozen=True)
 class Step:
-    """One logged training step: the logger's fields; ``wall_time`` of its TensorBoard event (None: a log)."""
+    """One logged training step: the logger's fields; ``wall_time`` of its record or TensorBoard event (None:
+    a console log); ``step_s``: the step's own time (``metrics.jsonl`` only)."""
 
     iteration: int
     fields: dict[str, float]
     wall_time: float | None = None
+    step_s: float | None = None
 
 
 @dataclass
@@ -93,7 +100,7 @@ class RunRow:
     valid_iteration: int | None
     eval_score: float | None
     eval_cells: int | None
-    metrics_source: str | None  # "tensorboard" or "log"
+    metrics_source: str | None  # "metrics.jsonl", "tensorboard" or "log"
     eval_accuracy: dict | None = None  # {task: {length: accuracy %}} as eval.json holds it
 
     @property
@@ -113,8 +120,9 @@ class RunRow:
 
 
 def read_run(path: Path, warmup: int = 10) -> RunRow:
-    """The row of the run at ``path``: a run folder (``--save`` or log folder: its checkpoints, TensorBoard
-    events anywhere below it, ``*.log`` console logs and ``eval.json``) or one console log file."""
+    """The row of the run at ``path``: a run folder (``--save`` or log folder: its ``metrics.jsonl`` and
+    ``run_config.json``, checkpoints, TensorBoard events anywhere below it, ``*.log`` console logs and
+    ``eval.json``) or one console log file."""
     if warmup < 1:
         raise CollectError(f"--warmup-steps must be at least 1 (the first step's start is not recorded), got {warmup}")
     path = Path(path)
@@ -125,16 +133,28 @@ def read_run(path: Path, warmup: int = 10) -> RunRow:
         return _row(path, None, log, (None, None), None, warmup)
     if not path.is_dir():
         raise CollectError(f"{path}: no such run folder or log file")
-    events = sorted(path.rglob("events.out.tfevents.*"))
-    tensorboard = _read_events(events) if events else None
+    metrics = _read_metrics(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else None
+    try:
+        record = read_run_config(path)
+    except ValueError as e:
+        raise CollectError(str(e)) from None
+    events = [] if metrics is not None else sorted(path.rglob("events.out.tfevents.*"))
+    tensorboard = _read_events(events) if events else None  # only where the run kept no metrics.jsonl
     log = _read_logs(sorted(path.glob("*.log"), key=lambda p: p.stat().st_mtime))
     model = _read_model(path)
-    if tensorboard is None and log is None and model == (None, None):
+    if metrics is None and tensorboard is None and log is None and model == (None, None):
         raise CollectError(
-            f"{path} is not a training run (no TensorBoard events, console log (*.log) or checkpoint in it)"
+            f"{path} is not a training run (no {METRICS_FILE}, TensorBoard events, console log (*.log) or "
+            "checkpoint in it)"
         )
+    if record is not None:  # what the latest launch ran with wins over the console log's view of it
+        lay = record["layout"]
+        sizes = ("tensor_model", "pipeline_model", "context", "data")
+        layout = " ".join(f"{k}={lay[f'{n}_parallel_size']}" for k, n in zip(("TP", "PP", "CP", "DP"), sizes))
+        log = _Log(log.trace if log else Trace([], []), int(record["train_iters"]), layout)
     eval_path = path / EVAL_FILE
-    return _row(path, tensorboard, log, model, _read_eval(eval_path) if eval_path.is_file() else None, warmup)
+    accuracy = _read_eval(eval_path) if eval_path.is_file() else None
+    return _row(path, metrics or tensorboard, log, model, accuracy, warmup)
 
 
 def collect(paths: list[Path], warmup: int = 10) -> list[RunRow]:
@@ -194,6 +214,33 @@ def _fields(rest: str) -> dict[str, float]:
         except ValueError:
             continue
     return out
+
+
+# The fields of a metrics.jsonl record that describe it rather than measure the step.
+_RECORD_KEYS = ("kind", "iteration", "launch", "wall_time", "step_s", "consumed_samples", "skipped")
+
+
+def _read_metrics(path: Path) -> Trace:
+    """``metrics.jsonl``: one launch per ``launch`` value (and wherever the iteration does not go up)."""
+    try:
+        records = read_metrics(path)
+    except OSError as e:
+        raise CollectError(f"{path}: unreadable ({e.strerror})") from None
+    launches: list[list[Step]] = []
+    valid: list[tuple[int, float]] = []
+    launch = None
+    for r in records:
+        if r["kind"] == "valid":
+            valid.append((int(r["iteration"]), float(r["loss"])))
+            continue
+        if r["kind"] != "train":
+            continue
+        if not launches or r.get("launch") != launch or launches[-1][-1].iteration >= r["iteration"]:
+            launches.append([])
+            launch = r.get("launch")
+        fields = {k: float(v) for k, v in r.items() if k not in _RECORD_KEYS and isinstance(v, (int, float))}
+        launches[-1].append(Step(int(r["iteration"]), fields, r.get("wall_time"), r.get("step_s")))
+    return Trace(launches, valid)
 
 
 def _read_events(paths: list[Path]) -> Trace:
@@ -270,19 +317,21 @@ def _read_eval(path: Path) -> dict[str, dict[str, float]]:
 
 def _row(
     path: Path,
-    tensorboard: Trace | None,
+    recorded: Trace | None,
     log: _Log | None,
     model: tuple[str | None, int | None],
     accuracy: dict[str, dict[str, float]] | None,
     warmup: int,
 ) -> RunRow:
-    # One source for every metric: the events where they hold a step, else the console log.
-    if tensorboard is not None and tensorboard.steps:
-        trace, source = tensorboard, "tensorboard"
+    """``recorded``: the steps of ``metrics.jsonl`` or, without it, of the TensorBoard events."""
+    # One source for every metric: the run's records where they hold a step, else the console log.
+    from_records = recorded is not None and any(s.step_s is not None for s in recorded.steps)
+    if recorded is not None and recorded.steps:
+        trace, source = recorded, METRICS_FILE if from_records else "tensorboard"
     elif log is not None and log.trace.steps:
         trace, source = log.trace, "log"
     else:  # no step logged: a validation loss is all there can be
-        trace, source = tensorboard or (log.trace if log else Trace([], [])), None
+        trace, source = recorded or (log.trace if log else Trace([], [])), None
     timed: list[tuple[float, int]] = []  # (seconds per step, steps)
     after: list[tuple[Step, int]] = []  # logged steps after the warm-up, with the steps each stands for
     skipped = 0
@@ -291,7 +340,9 @@ def _row(
         for prev, step in zip(steps[warmup - 1 :], steps[warmup:]):
             gap = step.iteration - prev.iteration
             after.append((step, gap))
-            if step.wall_time is not None and prev.wall_time is not None:
+            if step.step_s is not None:  # metrics.jsonl: every step, with its own time
+                timed.append((step.step_s, 1))
+            elif step.wall_time is not None and prev.wall_time is not None:
                 timed.append(((step.wall_time - prev.wall_time) / gap, gap))
     last = max(reversed(trace.steps), key=lambda s: s.iteration, default=None)  # a re-logged step: its latest
     valid = max(reversed(trace.valid), key=lambda v: v[0], default=None)

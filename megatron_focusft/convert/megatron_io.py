@@ -3,7 +3,7 @@
 A checkpoint folder::
 
     CKPT/
-      focusft_checkpoint.json   format version, the HF config of the model, dtype, iteration
+      focusft_checkpoint.json   format version, the HF config of the model, dtype, iteration, origin
       model/                    megatron.core.dist_checkpointing (global tensors: loads at any TP size)
       tokenizer/                the tokenizer files of the source checkpoint
       ...                       training adds optimizer/ scheduler/ RNG/ data position (training issue)
@@ -61,12 +61,15 @@ class CheckpointMeta:
     """What ``focusft_checkpoint.json`` says.  ``token_ids`` are the source config's bos/eos/pad ids
     (:func:`~megatron_focusft.models.qwen2.hf_token_ids`), stored in its ``hf_config`` and written back on
     export; None (a model of no source checkpoint) means the defaults of ``Qwen2Arch.to_hf_config``.
-    Metadata written before the ids were kept reads back the ids its ``hf_config`` held (those defaults)."""
+    Metadata written before the ids were kept reads back the ids its ``hf_config`` held (those defaults).
+    ``origin``: where the weights first came from, as the converter recorded it (``{"hf_dir": "/abs/path"}``)
+    and every later checkpoint of them carries on (a model card's base model); None: not recorded."""
 
     arch: Qwen2Arch
     dtype: torch.dtype
     iteration: int = 0
     token_ids: dict[str, Any] | None = field(default=None, hash=False)
+    origin: dict[str, str] | None = field(default=None, hash=False)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -77,6 +80,7 @@ class CheckpointMeta:
                 "padded_vocab_size": self.arch.padded_vocab_size,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "iteration": self.iteration,
+                **({"origin": self.origin} if self.origin is not None else {}),
             },
             indent=2,
         )
@@ -91,6 +95,7 @@ class CheckpointMeta:
                 dtype=getattr(torch, raw["dtype"]),
                 iteration=int(raw.get("iteration", 0)),
                 token_ids=hf_token_ids(raw["hf_config"]),
+                origin=raw.get("origin"),
             )
         except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ConfigError(f"{path}: unreadable checkpoint metadata ({e!r})") from None
@@ -316,10 +321,12 @@ def export_hf(
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = False,
     token_ids: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write a (possibly TP-split) model as a Hugging Face folder: safetensors shards + index, config.json
-    (with ``token_ids``, the checkpoint's ``CheckpointMeta.token_ids``), tokenizer files.  Collective; rank 0
-    writes, tensor by tensor."""
+    (with ``token_ids``, the checkpoint's ``CheckpointMeta.token_ids``), tokenizer files, and ``extra_files``
+    (``{name: text}``, e.g. the model card: inside the folder before it appears, like the rest).  Collective;
+    rank 0 writes, tensor by tensor."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     with atomic_output_dir(Path(out_dir)) as tmp:
         plan = [(n, dtype, hf_shape(n, arch)) for _, sources in megatron_sources(arch) for n in sources]
@@ -341,3 +348,5 @@ def export_hf(
             )
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
                 copy_tokenizer_files(tokenizer_dir, tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)

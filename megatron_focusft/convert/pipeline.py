@@ -48,7 +48,8 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, dtype: torch.dtype, progress: bo
     model = build_model(arch, DenseAttention, params_dtype=dtype, perform_initialization=False)
     fill_from_hf(model, reader, dtype, progress=progress and rank0)
     with atomic_output_dir(out_dir) as tmp:
-        save_model(model, tmp, CheckpointMeta(arch, dtype, token_ids=hf_token_ids(config)))
+        origin = {"hf_dir": str(hf_dir.resolve())}  # the base model of everything trained from it
+        save_model(model, tmp, CheckpointMeta(arch, dtype, token_ids=hf_token_ids(config), origin=origin))
         if rank0:
             copy_tokenizer_files(hf_dir, tmp / "tokenizer")
         seal_checkpoint(tmp)
@@ -61,9 +62,11 @@ def megatron_to_hf(
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = True,
     checksums: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Convert a megatron_focusft checkpoint (or a training run's latest) into a HF folder (TP=1);
-    ``checksums``: hash its files against its ``checksums.json`` first."""
+    ``checksums``: hash its files against its ``checksums.json`` first; ``extra_files``: ``{name: text}``
+    written into the folder too (the model card)."""
     model, meta, ckpt_dir = load_checkpoint_model(ckpt, DenseAttention, checksums)
     export_hf(
         model,
@@ -74,6 +77,7 @@ def megatron_to_hf(
         max_shard_bytes,
         progress,
         meta.token_ids,
+        extra_files,
     )
 
 

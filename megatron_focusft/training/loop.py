@@ -15,6 +15,7 @@ same gradient.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -41,13 +42,29 @@ from megatron_focusft.memory_plan import Layout, Workload
 from megatron_focusft.models.focusft import FocuSFTModel, build_focusft_model
 from megatron_focusft.models.qwen2 import Qwen2Arch
 from megatron_focusft.pipeline.cost import pipeline_cost
+from megatron_focusft.run_record import (
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    RUN_CONFIG_FORMAT,
+    RUN_CONFIG_VERSION,
+    iso_utc,
+    read_metrics,
+    write_run_config,
+)
 from megatron_focusft.schedule import PipelineStep
+from megatron_focusft.training import model_card
 from megatron_focusft.training.arguments import parse_args
 from megatron_focusft.training.checkpoint import RunIdentity, TrainState, load_checkpoint, save_checkpoint
 from megatron_focusft.training.config import TrainConfig
 from megatron_focusft.training.divergence import DivergenceMonitor
 from megatron_focusft.training.errors import SetupError
-from megatron_focusft.training.logger import MetricsLogger
+from megatron_focusft.training.logger import (
+    MetricsLogger,
+    check_logging_packages,
+    describe_run,
+    interactive,
+    stamp,
+)
 from megatron_focusft.training.optimizer import build_optimizer
 from megatron_focusft.training.plan import Schedule, TrainPlan, plan
 from megatron_focusft.training.save_lock import SaveFolderBusy, SaveFolderLock
@@ -93,8 +110,10 @@ def setup(plan: TrainPlan) -> Trainer:
     resumable = cfg.checkpoints.load is not None and not cfg.checkpoints.finetune
     if resumable and plan.resume is None and dist.get_rank() == 0:
         print(
-            f"--load {cfg.checkpoints.load} holds no checkpoint yet: starting fresh from "
-            f"{cfg.model.pretrained_checkpoint}"
+            stamp(
+                f"--load {cfg.checkpoints.load} holds no checkpoint yet: starting fresh from "
+                f"{cfg.model.pretrained_checkpoint}"
+            )
         )
     arch = plan.meta.arch
     model = _build_model(plan, device)
@@ -107,14 +126,21 @@ def setup(plan: TrainPlan) -> Trainer:
         state = load_checkpoint(
             plan.resume, model, optimizer, scheduler, load_optim=ckpt.load_optim, load_rng=ckpt.load_rng
         )
+        if dist.get_rank() == 0:
+            print(
+                stamp(
+                    f"resumed from {plan.resume.checkpoint.name} of {cfg.checkpoints.load} (iteration "
+                    f"{state.iteration} of {plan.schedule.train_iters}, {state.consumed_samples} packs consumed)"
+                )
+            )
     loader = _build_loader(plan, state)
     tokenizer_dir = _stable_tokenizer_dir(plan.source / "tokenizer", cfg.checkpoints.save)
     step = BilevelStep(model, cfg.focusft)
     return Trainer(
         train_config=cfg,
         arch=arch,
-        # the token ids carry on from the pretrained model
-        meta=CheckpointMeta(arch, cfg.model.dtype, token_ids=plan.meta.token_ids),
+        # the token ids and the record of where the weights came from carry on from the pretrained model
+        meta=CheckpointMeta(arch, cfg.model.dtype, token_ids=plan.meta.token_ids, origin=plan.meta.origin),
         config=cfg.focusft,
         model=model,
         ddp=ddp,
@@ -345,9 +371,10 @@ def _weights_finite(t: Trainer) -> bool:
     return not bool(bad.item())
 
 
-def _save(t: Trainer) -> str | None:
-    """Write a checkpoint of this iteration (once); why not, with nothing published, if a weight is not finite or
-    the written checkpoint fails its check; None when saved (or nothing to save)."""
+def _save(t: Trainer, logger: MetricsLogger) -> str | None:
+    """Write a checkpoint of this iteration (once) and log how long it took and its size; why not, with nothing
+    published, if a weight is not finite or the written checkpoint fails its check; None when saved (or nothing
+    to save)."""
     ckpt = t.train_config.checkpoints
     if ckpt.save is None or t.last_saved == t.state.iteration:
         return None
@@ -356,8 +383,9 @@ def _save(t: Trainer) -> str | None:
             f"a weight is not finite at iteration {t.state.iteration}; no checkpoint written, training stopped "
             "(resume from the last checkpoint with a lower --lr or a --clip-grad)"
         )
+    start = time.perf_counter()
     try:
-        save_checkpoint(
+        folder = save_checkpoint(
             ckpt.save,
             t.state,
             t.model,
@@ -371,29 +399,93 @@ def _save(t: Trainer) -> str | None:
     except trust.CheckpointError as e:
         return f"{e}; training stopped"
     t.last_saved = t.state.iteration
+    if logger.rank0:
+        seconds = time.perf_counter() - start  # written, sealed, checked and published
+        logger.message(f"saved {folder.name} in {seconds:.1f} s ({_bytes(_folder_bytes(folder))}) under {ckpt.save}")
     return None
 
 
+def _folder_bytes(folder: Path) -> int:
+    """The size of a checkpoint: the bytes of every file in it (what ``checksums.json`` lists)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def run_record(p: TrainPlan, started: float) -> dict:
+    """What this launch runs with (``SAVE/run_config.json``, :mod:`megatron_focusft.run_record`): every
+    setting, the world and its layout, the schedule, where the weights come from, the data's metadata."""
+    cfg, layout = p.config, p.config.parallel
+    resume = p.resume
+    return {
+        "format": RUN_CONFIG_FORMAT,
+        "version": RUN_CONFIG_VERSION,
+        "started": iso_utc(started),
+        "world_size": p.world_size,
+        "layout": {
+            "tensor_model_parallel_size": layout.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": layout.pipeline_model_parallel_size,
+            "context_parallel_size": layout.context_parallel_size,
+            "data_parallel_size": p.data_parallel_size,
+            "sequence_parallel": layout.sequence_parallel,
+        },
+        "train_iters": p.schedule.train_iters,
+        "warmup_iters": p.schedule.warmup_iters,
+        "micro_batches_per_step": p.micro_batches,
+        "resumed_from": None
+        if resume is None
+        else {
+            "checkpoint": str(resume.checkpoint),
+            "iteration": resume.state.iteration,
+            "consumed_samples": resume.state.consumed_samples,
+        },
+        "weights_from": str(p.source),
+        "base_model": p.meta.origin,
+        "data": p.train_data.meta,
+        "valid_data": None if p.valid_data is None else p.valid_data.meta,
+        "config": cfg.to_dict(),
+    }
+
+
 def train(config: TrainConfig) -> int:
-    """Plan, set up and run training to ``train_iters``; returns the process exit status."""
+    """Plan, set up and run training to ``train_iters``; returns the process exit status.  Before the model
+    is built: the logging packages are checked and rank 0 prints the run's configuration (one block); once
+    this run holds ``--save``, it is recorded there (``run_config.json``)."""
     stop = _StopSignal()  # before the (long) set-up: a signal then costs one step, not the process
+    check_logging_packages(config.logging)
+    started = time.time()
     checked = plan(config)
+    record = run_record(checked, started)
+    save = config.checkpoints.save
+    if int(os.environ.get("RANK", "0")) == 0:  # before distributed start-up: torchrun's rank
+        saved_as = f"saved as {Path(save) / RUN_CONFIG_FILE}" if save is not None else "not saved: no --save"
+        print(stamp(describe_run(record, saved_as)))
     t = setup(checked)
+    if save is not None and dist.get_rank() == 0:  # the folder is this run's now (its lock is held)
+        kept = write_run_config(Path(save), record)
+        if kept is not None:
+            print(stamp(f"the previous launch's record {RUN_CONFIG_FILE} is kept as {kept.name}"))
     peak = peak_tflops(torch.cuda.get_device_name(), t.meta.dtype) if config.model.device == "cuda" else None
     logger = MetricsLogger(
         config.logging,
         t.train_iters,
         start_iteration=t.state.iteration,
         peak_tflops=peak,
-        save_dir=config.checkpoints.save,
-        run_config=config.to_dict(),
+        save_dir=save,
+        launch=record["started"],
+        run_config=record,
     )
     for note in checked.notes:
         logger.message(f"note: {note}")
     if config.parallel.pipeline_model_parallel_size > 1 and dist.get_rank() == 0:
         logger.message(_predicted_pipeline(t))
     try:
-        return _run(t, logger, stop)
+        return _run(t, logger, stop, record)
     finally:
         logger.close()
         if t.save_lock is not None:
@@ -434,8 +526,9 @@ def _predicted_pipeline(t: Trainer) -> str:
     return f"pipeline: {layout.pipeline_split(t.arch.num_layers).describe()}; predicted per stage:\n{cost.table()}"
 
 
-def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal) -> int:
-    """The loop, top to bottom: step, log, validate, check for divergence, save, stop; then finish."""
+def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal, record: dict) -> int:
+    """The loop, top to bottom: step, log, validate, check for divergence, save, stop; then finish (``record``:
+    this launch's ``run_config.json``, for the exported model's card)."""
     cfg = t.train_config
     ckpt, eval_interval = cfg.checkpoints, cfg.data.eval_interval
     monitor = DivergenceMonitor(cfg.checks)
@@ -476,14 +569,39 @@ def _run(t: Trainer, logger: MetricsLogger, stop: _StopSignal) -> int:
         if finished_before and Path(ckpt.export_hf).exists():
             logger.message(f"the run was already finished and {ckpt.export_hf} exists: export skipped")
         else:
-            export_hf(t.model, t.arch, t.meta.dtype, ckpt.export_hf, t.tokenizer_dir, token_ids=t.meta.token_ids)
-            logger.message(f"exported the model to {ckpt.export_hf}")
+            start = time.perf_counter()
+            export_hf(
+                t.model,
+                t.arch,
+                t.meta.dtype,
+                ckpt.export_hf,
+                t.tokenizer_dir,
+                progress=interactive(cfg.logging),
+                token_ids=t.meta.token_ids,
+                extra_files=_card_files(t, logger, record) if logger.rank0 else None,
+            )
+            logger.message(f"exported the model to {ckpt.export_hf} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _card_files(t: Trainer, logger: MetricsLogger, record: dict) -> dict[str, str]:
+    """The exported folder's ``README.md`` and ``training_args.json`` (rank 0): this launch's record and the
+    run's ``metrics.jsonl`` (every launch's steps; without ``--save``, this launch's last records)."""
+    save = t.train_config.checkpoints.save
+    metrics_file = Path(save) / METRICS_FILE if save is not None else None
+    if metrics_file is not None and metrics_file.is_file():
+        metrics = read_metrics(metrics_file)
+    else:
+        metrics = list(logger.latest.values())
+    facts = model_card.facts_from_records(
+        t.arch, t.meta.dtype, t.state.iteration, t.meta.origin, t.tokenizer_dir, record, metrics, save
+    )
+    return model_card.card_files(facts, Path(t.train_config.checkpoints.export_hf).name)
 
 
 def _save_or_say(t: Trainer, logger: MetricsLogger) -> bool:
     """Save this iteration; False (and the reason logged) where it could not be saved."""
-    error = _save(t)
+    error = _save(t, logger)
     if error is not None:
         logger.message(f"error: {error}")
     return error is None
