@@ -293,6 +293,7 @@ class BlendedPacks:
         from megatron.core.datasets import helpers
 
         self.parts = tuple(parts)
+        self.weights = None if weights is None else tuple(float(x) for x in weights)
         if not self.parts or any(len(p) == 0 for p in self.parts):
             raise ValueError("a blend needs parts with at least one pack each")
         pad_ids = {p.pad_id for p in self.parts}

@@ -70,7 +70,10 @@ def describe_run(record: dict, saved_as: str) -> str:
         + ", ".join(f"{k} {data[k]}" for k in ("num_packs", "pack_length", "num_documents", "num_tokens") if k in data),
     ]
     for group, values in record["config"].items():
-        lines.append(f"  {group}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        if isinstance(values, dict):
+            lines.append(f"  {group}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        else:  # a setting of its own, not a group
+            lines.append(f"  {group}: {values}")
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ from megatron_focusft.convert import trust
 from megatron_focusft.convert.hf_io import copy_tokenizer_files
 from megatron_focusft.convert.megatron_io import CheckpointMeta, export_hf, load_model
 from megatron_focusft.convert.writer_process import prepare_checkpoint_writer
-from megatron_focusft.data.dataset import PackLoader, Packs
+from megatron_focusft.data.dataset import BlendedPacks, PackLoader, PackRange, Packs
 from megatron_focusft.data.packing import pad_multiple, round_up
 from megatron_focusft.flops import peak_tflops, sft_flops
 from megatron_focusft.memory_plan import Layout, Workload
@@ -446,10 +446,20 @@ def run_record(p: TrainPlan, started: float) -> dict:
         },
         "weights_from": str(p.source),
         "base_model": p.meta.origin,
-        "data": p.train_data.meta,
-        "valid_data": None if p.valid_data is None else p.valid_data.meta,
+        "data": _data_record(p.train_data),
+        "valid_data": None if p.valid_data is None else _data_record(p.valid_data),
         "config": cfg.to_dict(),
     }
+
+
+def _data_record(packs: Packs) -> dict:
+    """The ``PREFIX.json`` of the data a run reads: a dataset's; a ``--split`` part's, with its pack range; a
+    blend's parts with their weights (the statistics then are per part)."""
+    if isinstance(packs, BlendedPacks):
+        return {"blend": [_data_record(part) for part in packs.parts], "weights": packs.weights}
+    if isinstance(packs, PackRange):
+        return {**packs.dataset.meta, "split_packs": [packs.start, packs.stop]}
+    return packs.meta
 
 
 def train(config: TrainConfig) -> int:

@@ -200,10 +200,19 @@ def _base_model(facts: RunFacts) -> str:
 
 
 def _data_section(record: dict) -> list[str]:
-    data, prefix = record.get("data") or {}, record["config"]["data"]["data_path"]
+    data, path = record.get("data") or {}, record["config"]["data"]["data_path"]
+    prefix = path if isinstance(path, str) else " ".join(str(p) for p in path)  # one PREFIX, or a blend's words
     lines = ["## Training data", ""]
     if not data:
         return [*lines, f"`{prefix}`: its statistics are not recorded.", ""]
+    if "blend" in data:  # Megatron-LM's weighted blend: each part's own PREFIX.json
+        lines.append(f"A blend, `--data-path {prefix}`:")
+        lines.append("")
+        rows = [
+            (f"part {i}: tokens ({part.get('num_packs', '?')} packs)", _int(part.get("num_tokens")))
+            for i, part in enumerate(data["blend"])
+        ]
+        return [*lines, *_table(rows)]
     stats = data.get("stats") or {}
     rows = [
         ("documents (conversations)", _int(data.get("num_documents"))),
