@@ -33,6 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 A_PACKS, B_PACKS = 14, 8  # the packs of setup_files' dataset (A) and of second_dataset (B)
 
 
+def _unstamped(line: str) -> str:
+    """A log line without the trainer's ``[YYYY-MM-DD HH:MM:SS]`` prefix."""
+    return re.sub(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ", "", line)
+
+
 def megatron_line(ckpt: Path, a: str, b: str, save: Path) -> list[str]:
     """A Megatron-LM SFT launch line (its model flags left out: the architecture comes from the checkpoint), with
     this machine's paths and ``--device cpu``."""
@@ -97,9 +102,10 @@ def test_a_megatron_lm_sft_launch_line_runs_on_cpu(megatron_run, tmp_path):
     argv, save, log = megatron_run
     assert "note: --use-distributed-optimizer: not used with --device cpu" in log
     assert "note: --exit-signal-handler: always on here" in log
-    steps = [line.split(" | ")[0] for line in log.splitlines() if line.startswith("step ") and "valid loss" not in line]
+    lines = [_unstamped(line) for line in log.splitlines()]
+    steps = [line.split(" | ")[0] for line in lines if line.startswith("step ") and "valid loss" not in line]
     assert steps == ["step 1/3", "step 2/3", "step 3/3"]  # --train-samples 6 / --global-batch-size 2
-    valid = [line.split(" | ")[0] for line in log.splitlines() if "valid loss" in line]
+    valid = [line.split(" | ")[0] for line in lines if "valid loss" in line]
     assert valid == ["step 2/3", "step 3/3"]  # --eval-interval 2, and at the end
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
     assert (save / "latest").read_text().strip() == "iter_0000003"
@@ -112,7 +118,7 @@ def test_a_megatron_lm_sft_launch_line_runs_on_cpu(megatron_run, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     override = next(line for line in done.stdout.splitlines() if "--override-opt-param-scheduler" in line)
     assert "from step 3" in override and "(decay iterations) 6 (checkpoint: 4)" in override
-    last = next(line for line in done.stdout.splitlines() if line.startswith("step 4/4 |"))
+    last = next(x for x in map(_unstamped, done.stdout.splitlines()) if x.startswith("step 4/4 |"))
     # Megatron's cosine after step 4 of 6, one warm-up step: min + (max - min) (1 + cos(pi (4 - 1) / (6 - 1))) / 2
     lr = 1e-5 + 9e-5 * 0.5 * (1 + math.cos(math.pi * 3 / 5))
     assert f"lr {lr:.3e}" in last
