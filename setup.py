@@ -36,9 +36,19 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=1.12"],
+        # Parquet files and folders, and datasets save_to_disk folders (read with pyarrow alone)
         "parquet": ["pyarrow>=14"],
         "analysis": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=14", "ruff>=0.5", "matplotlib>=3.7", "tensorboard>=2.14"],
+        # (datasets: the tests write real save_to_disk folders; reading one needs only pyarrow)
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "pyarrow>=14",
+            "datasets>=2.14",
+            "ruff>=0.5",
+            "matplotlib>=3.7",
+            "tensorboard>=2.14",
+        ],
     },
 )

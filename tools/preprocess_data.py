@@ -40,7 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL / Parquet files")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="JSONL (.jsonl/.ndjson[.gz]), JSON (.json[.gz]: an array, or lines), Parquet files, folders of "
+        "Parquet files, datasets save_to_disk folders",
+    )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="checkpoint folder with the tokenizer")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out (else refused)")
