@@ -8,13 +8,13 @@ from .chat import (
     Document,
     Qwen25Renderer,
     TemplateRenderer,
-    normalize_conversation,
 )
 from .dataset import PackedDataset, PackLoader, write_documents, write_packs
 from .errors import DataError
+from .formats import FieldNames, detect_format, normalize_conversation
 from .packed_input import PackedInput
 from .packing import best_fit_decreasing, pad_multiple
-from .reading import FieldNames, iter_records, parse_record
+from .reading import iter_records, parse_record
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "FieldNames",
     "Qwen25Renderer",
     "TemplateRenderer",
+    "detect_format",
     "iter_records",
     "load_tokenizer",
     "normalize_conversation",

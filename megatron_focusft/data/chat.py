@@ -26,10 +26,9 @@ from typing import Literal
 import numpy as np
 
 from .errors import DataError
-from .reading import FieldNames
+from .formats import FieldNames, RecordFormat, normalize_conversation
 from .tokenizer import ChatTokenizer
 
-ROLES = ("system", "user", "assistant", "tool")
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 LossOn = Literal["all", "last"]
@@ -53,151 +52,6 @@ class Document:
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum())
-
-
-# --------------------------------------------------------------------------------------------- messages
-def _text_content(content, where: str, name: str = "content") -> str:
-    """A message's content as text: a string, null, or a list of OpenAI text parts (strings or
-    ``{"type": "text", "text": str}``); anything else is a ``DataError`` naming the field ``name``."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: only text parts are supported
-        parts = []
-        for k, part in enumerate(content):
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                raise DataError(
-                    f"{where}: field {name!r} part {k}: unsupported content part {str(part)[:60]!r} "
-                    '(expected a string or {"type": "text", "text": <string>})',
-                    "bad_record",
-                )
-        return "".join(parts)
-    raise DataError(
-        f"{where}: field {name!r}: content must be a string or a list of text parts, got {type(content).__name__}",
-        "bad_record",
-    )
-
-
-def _tool_call(call, where: str) -> dict:
-    if not isinstance(call, dict):
-        raise DataError(f"{where}: a tool call must be an object", "bad_record")
-    fn = call.get("function", call)
-    name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str) or not name:
-        raise DataError(f"{where}: tool call without a function name", "bad_record")
-    args = fn.get("arguments", {})
-    if args is None:
-        args = {}
-    if isinstance(args, str):  # OpenAI form: arguments as a JSON string
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: tool call arguments are not valid JSON", "bad_record") from None
-    out = {"name": name, "arguments": args}
-    if isinstance(call.get("id"), str):
-        out["id"] = call["id"]
-    return out
-
-
-def normalize_conversation(record: dict, fields: FieldNames | None = None) -> tuple[list[dict], list | None]:
-    """Validate a record and return (messages, tools) in a canonical form.
-
-    Each message becomes ``{"role", "content": str}`` plus ``"tool_calls": [{"name", "arguments"}]`` on an
-    assistant turn that calls tools.  Raises :class:`DataError` (without location) on bad input.
-    """
-    fields = fields or FieldNames()
-    messages = _messages_field(record, fields)
-    tools = _tools_field(record, fields)
-    out: list[dict] = []
-    for i, msg in enumerate(messages):
-        out.append(_normalize_message(msg, f"message {i}", fields, out))
-    return out, tools
-
-
-def _messages_field(record: dict, fields: FieldNames) -> list:
-    messages = record.get(fields.messages)
-    if isinstance(messages, str):  # e.g. a Parquet column holding JSON text
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise DataError(f"field {fields.messages!r} is not valid JSON", "malformed_json") from None
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"field {fields.messages!r} missing or not a non-empty list", "bad_record")
-    return messages
-
-
-def _tools_field(record: dict, fields: FieldNames) -> list | None:
-    tools = record.get(fields.tools)
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError:
-            raise DataError(f"field {fields.tools!r} is not valid JSON", "malformed_json") from None
-    if tools is not None and not isinstance(tools, list):
-        raise DataError(f"field {fields.tools!r} must be a list of function schemas", "bad_record")
-    return tools
-
-
-def _normalize_message(msg, where: str, fields: FieldNames, previous: list[dict]) -> dict:
-    """One message in canonical form; ``previous`` are the conversation's messages before it, normalized."""
-    if not isinstance(msg, dict):
-        raise DataError(f"{where}: a message must be an object", "bad_record")
-    role = _role(msg, where, fields)
-    content = _text_content(msg.get(fields.content), where, fields.content)
-    norm = {"role": role, "content": content}
-    if role == "assistant":
-        calls = msg.get(fields.tool_calls) or []
-        if not isinstance(calls, list):
-            raise DataError(f"{where}: tool_calls must be a list", "bad_record")
-        if calls:
-            norm["tool_calls"] = [_tool_call(c, where) for c in calls]
-        elif not content.strip():
-            raise DataError(
-                f"{where}: assistant turn with empty content and no tool_calls",
-                "empty_assistant",
-            )
-    elif role == "tool":
-        _check_tool_answer(msg, where, previous)
-    return norm
-
-
-def _role(msg: dict, where: str, fields: FieldNames) -> str:
-    role = msg.get(fields.role)
-    if role is not None and not isinstance(role, str):  # (a missing role is an unknown role, below)
-        raise DataError(
-            f"{where}: field {fields.role!r} must be a string (one of {', '.join(ROLES)}), "
-            f"got {type(role).__name__} {str(role)[:40]}",
-            "bad_record",
-        )
-    role = fields.role_map.get(role, role)
-    if role not in ROLES:
-        raise DataError(
-            f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
-            "unknown_role",
-        )
-    return role
-
-
-def _check_tool_answer(msg: dict, where: str, previous: list[dict]) -> None:
-    """A tool message answers the closest assistant turn before it (past other tool messages), which must
-    call tools, and names one of its calls' ids when both carry ids."""
-    j = len(previous) - 1
-    while j >= 0 and previous[j]["role"] == "tool":
-        j -= 1
-    if j < 0 or previous[j]["role"] != "assistant" or not previous[j].get("tool_calls"):
-        raise DataError(f"{where}: tool message with no preceding tool call", "orphan_tool")
-    call_id = msg.get("tool_call_id")
-    ids = [c["id"] for c in previous[j]["tool_calls"] if "id" in c]
-    if isinstance(call_id, str) and ids and call_id not in ids:
-        raise DataError(
-            f"{where}: tool message answers unknown tool_call_id {call_id!r}",
-            "orphan_tool",
-        )
 
 
 # --------------------------------------------------------------------------------------------- renderers
@@ -416,16 +270,16 @@ class ChatEncoder:
             if builtin or tokenizer.tokenizer.token_to_id(marker) is not None:
                 tokenizer.single_id(marker)
 
-    def render(self, record: dict) -> list[Segment]:
-        messages, tools = normalize_conversation(record, self.fields)
+    def render(self, record: dict, record_format: RecordFormat = "openai") -> list[Segment]:
+        messages, tools = normalize_conversation(record, self.fields, record_format)
         return self.renderer.render(messages, tools)
 
-    def encode(self, record: dict, location: str = "") -> Document:
-        """The record's :class:`Document`; every failure is a :class:`DataError` at ``location``: an
-        unexpected exception while encoding this one record too (reason ``unexpected``), so that it can be
-        skipped like any bad record and an error names where it happened."""
+    def encode(self, record: dict, location: str = "", record_format: RecordFormat = "openai") -> Document:
+        """The :class:`Document` of a record of ``record_format``; every failure is a :class:`DataError` at
+        ``location``: an unexpected exception while encoding this one record too (reason ``unexpected``), so
+        that it can be skipped like any bad record and an error names where it happened."""
         try:
-            return self._encode(record, location)
+            return self._encode(record, location, record_format)
         except DataError as e:
             raise e.at(location) from None
         except MemoryError:
@@ -433,8 +287,8 @@ class ChatEncoder:
         except Exception as e:
             raise unexpected_error(e, location) from e
 
-    def _encode(self, record: dict, location: str) -> Document:
-        segs = self.render(record)
+    def _encode(self, record: dict, location: str, record_format: RecordFormat) -> Document:
+        segs = self.render(record, record_format)
         text = "".join(s.text for s in segs)
         enc, known_overlong = None, False
         if self.max_length is not None:

@@ -22,8 +22,9 @@ import numpy as np
 from .chat import ChatEncoder, Document, unexpected_error
 from .dataset import DocumentStore, _DocumentReader, dataset_files, write_packs
 from .errors import DataError
+from .formats import FORMATS, FieldNames, RecordFormat, detect_format
 from .packing import best_fit_decreasing, packing_efficiency
-from .reading import FieldNames, RawRecord, check_inputs, count_records, iter_records, parse_record
+from .reading import RawRecord, check_inputs, count_records, iter_file_records, parse_record
 from .tokenizer import load_tokenizer
 
 MAX_REPORTED_ERRORS = 20
@@ -42,6 +43,7 @@ class PreprocessConfig:
     renderer: str = "auto"  # auto | template | qwen2.5
     added_tokens: str = "file"  # file | qwen2.5
     fields: FieldNames = field(default_factory=FieldNames)
+    record_format: str = "auto"  # auto (per input, from its first records) | openai | sharegpt | swift | alpaca
     progress: bool = True
     chunk_size: int = 32
     overwrite: bool = True  # False: refuse (DataError reason "exists") when a dataset is already at ``out``
@@ -64,6 +66,7 @@ class Stats:
     seconds: float = 0.0  # reading, tokenizing and packing (not the final write of the packs)
     tokens_per_second: float = 0.0
     workers: int = 1
+    formats: dict = field(default_factory=dict)  # input -> record format (and "(detected)" when it was)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +75,7 @@ class Stats:
 def format_summary(s: Stats) -> str:
     skipped = sum(s.skipped.values())
     lines = [
+        *(f"format                 {fmt}  {path}" for path, fmt in s.formats.items()),
         f"conversations read     {s.conversations_read}",
         f"conversations emitted  {s.conversations_emitted} ({s.truncated} truncated)",
         f"conversations skipped  {skipped}"
@@ -106,15 +110,15 @@ def _init_worker(cfg: PreprocessConfig) -> None:
     _ENCODER = _make_encoder(cfg)
 
 
-def encode_records(records: list[RawRecord], encoder: ChatEncoder | None = None):
-    """[(location, Document | DataError)] for a chunk of raw records (run in a worker)."""
+def encode_records(records: list[tuple[RecordFormat, RawRecord]], encoder: ChatEncoder | None = None):
+    """[(location, Document | DataError)] for a chunk of (record format, raw record) (run in a worker)."""
     enc = encoder or _ENCODER
     out = []
-    for rec in records:
+    for record_format, rec in records:
         try:
             record = parse_record(rec)
             rec.raw = None  # the line as read is not needed any more (a huge one is one copy fewer in memory)
-            out.append((rec.location, enc.encode(record, rec.location)))
+            out.append((rec.location, enc.encode(record, rec.location, record_format)))
             del record
         except DataError as e:
             out.append((rec.location, e.at(rec.location)))
@@ -144,6 +148,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     t0 = time.perf_counter()
     check_inputs(cfg.inputs)  # every input, before anything is loaded, read or written
     check_output(cfg.out, cfg.overwrite)
+    formats = input_formats(cfg)
     encoder = _make_encoder(cfg)  # fails early on a bad tokenizer folder / options
     out_dir = os.path.dirname(os.path.abspath(cfg.out))
     with _writing(out_dir):  # fails early, before the inputs are read, on a folder that cannot be written
@@ -153,9 +158,10 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     try:
         total = count_records(cfg.inputs)
         stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)
+        stats.formats = {path: fmt + (" (detected)" if cfg.record_format == "auto" else "") for path, fmt in formats}
         with _writing(out_dir):
             stage = DocumentStore(os.path.join(stage_dir, "docs"))
-            with _encoded_chunks(cfg, encoder) as results:
+            with _encoded_chunks(cfg, encoder, formats) as results:
                 _stage_documents(results, stage, stats, cfg, total, t0)
                 stage.finalize()
         if stats.conversations_emitted == 0:
@@ -164,7 +170,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         stats.packs = len(bins)
         stats.packing_efficiency = packing_efficiency(stats.tokens, len(bins), cfg.pack_length)
         stats.response_fraction = stats.response_tokens / max(1, stats.tokens)
-        meta = _pack_metadata(cfg, encoder)
+        meta = _pack_metadata(cfg, encoder, formats)
         # The timing goes into OUT.json, so it is taken before the packs are written (that last copy is
         # not counted); the returned stats (--stats-json, the summary) are the very same numbers.
         stats.seconds = time.perf_counter() - t0
@@ -177,6 +183,16 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         if stage is not None:
             stage.close()
         shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def input_formats(cfg: PreprocessConfig) -> list[tuple[str, RecordFormat]]:
+    """(input, record format) for every input: ``cfg.record_format``, or under ``auto`` each input's own
+    (:func:`~megatron_focusft.data.formats.detect_format`; a layout it cannot tell is a ``bad_file`` error)."""
+    if cfg.record_format == "auto":
+        return [(path, detect_format(path, cfg.fields)) for path in cfg.inputs]
+    if cfg.record_format not in FORMATS:
+        raise ValueError(f"record_format must be auto or one of {', '.join(FORMATS)}, got {cfg.record_format!r}")
+    return [(path, cfg.record_format) for path in cfg.inputs]
 
 
 def check_output(prefix: str, overwrite: bool) -> None:
@@ -217,10 +233,11 @@ def _writing(folder: str):
 
 
 @contextlib.contextmanager
-def _encoded_chunks(cfg: PreprocessConfig, encoder: ChatEncoder):
-    """The input records encoded chunk by chunk, in order: by ``cfg.workers`` processes, or here with
-    ``encoder``.  The pool is closed after a complete run and terminated on an error."""
-    chunks = _chunks(iter_records(cfg.inputs), cfg.chunk_size)
+def _encoded_chunks(cfg: PreprocessConfig, encoder: ChatEncoder, formats: list[tuple[str, RecordFormat]]):
+    """The records of every (input, record format) encoded chunk by chunk, in order: by ``cfg.workers``
+    processes, or here with ``encoder``.  The pool is closed after a complete run and terminated on an error."""
+    records = ((fmt, rec) for path, fmt in formats for rec in iter_file_records(path))
+    chunks = _chunks(records, cfg.chunk_size)
     if cfg.workers <= 1:
         yield (encode_records(c, encoder) for c in chunks)
         return
@@ -284,7 +301,7 @@ def _nothing_left(stats: Stats) -> str:
     return f"no conversation left to write: all {stats.conversations_read} were skipped ({reasons})"
 
 
-def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder) -> dict:
+def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder, formats: list[tuple[str, RecordFormat]]) -> dict:
     """What OUT.json records of how the packs were made (the stats are added to it)."""
     return {
         "pack_length": cfg.pack_length,
@@ -296,6 +313,7 @@ def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder) -> dict:
         "loss_on": cfg.loss_on,
         "overlong": cfg.overlong,
         "inputs": [os.path.abspath(p) for p in cfg.inputs],
+        "formats": [fmt for _, fmt in formats],
     }
 
 

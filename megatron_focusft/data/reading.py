@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from .errors import DataError
@@ -33,24 +33,6 @@ DATASETS_DICT = "dataset_dict.json"  # what DatasetDict.save_to_disk writes abov
 
 _MAGIC = {"parquet": b"PAR1", "gzip": b"\x1f\x8b", "arrow": b"\xff\xff\xff\xff"}  # (arrow: IPC stream start)
 _JSON_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class FieldNames:
-    """Where a record keeps its conversation (names of the fields, and optional role renaming).
-
-    ``role_map`` renames roles before validation, e.g. ``{"human": "user", "gpt": "assistant"}``.
-    """
-
-    messages: str = "messages"
-    tools: str = "tools"
-    role: str = "role"
-    content: str = "content"
-    tool_calls: str = "tool_calls"
-    role_map: dict[str, str] = field(default_factory=dict)
-
-    def __hash__(self):  # usable as a cache key / picklable value
-        return hash((self.messages, self.tools, self.role, self.content, self.tool_calls))
 
 
 @dataclass
