@@ -205,14 +205,32 @@ def test_vocab_and_merges_tokenize_like_tokenizer_json(tmp_path, tok):
 def test_chat_template_from_the_checkpoint_folder_matches_builtin(tmp_path, encoder):
     os.symlink(os.path.join(QWEN2_DIR, "tokenizer.json"), tmp_path / "tokenizer.json")
     with open(TEMPLATE, encoding="utf-8") as f:
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": f.read()}))
+        config = {"chat_template": f.read(), "bos_token": None, "eos_token": {"content": "<|im_end|>"}}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok2 = load_tokenizer(str(tmp_path), added_tokens="qwen2.5")
+    assert tok2.special_tokens == {"eos_token": "<|im_end|>"}  # what apply_chat_template gives the template
     enc2 = ChatEncoder(tok2)  # auto: the folder's template
     assert isinstance(enc2.renderer, TemplateRenderer)
     for name, conv in CONVERSATIONS.items():
         a, b = encoder.encode(conv, name), enc2.encode(conv, name)
         assert a.input_ids.tolist() == b.input_ids.tolist(), name
         assert a.loss_mask.tolist() == b.loss_mask.tolist(), name
+
+
+def test_trl_generation_template_gives_the_builtin_ids_and_mask(tmp_path, encoder):
+    """A template with {% generation %} (TRL style): its generation spans are the responses, no prefix rendering."""
+    os.symlink(os.path.join(QWEN2_DIR, "tokenizer.json"), tmp_path / "tokenizer.json")
+    os.symlink(
+        os.path.join(os.path.dirname(TEMPLATE), "qwen25_generation_chat_template.jinja"),
+        tmp_path / "chat_template.jinja",
+    )
+    enc = ChatEncoder(load_tokenizer(str(tmp_path), added_tokens="qwen2.5"))
+    assert isinstance(enc.renderer, TemplateRenderer) and enc.renderer.generation
+    for name, conv in CONVERSATIONS.items():
+        doc = enc.encode(conv, name)
+        assert doc.input_ids.tolist() == EXPECTED_IDS[name] and runs(doc.loss_mask) == EXPECTED_RUNS[name], name
+    with pytest.raises(DataError, match="^x:1: conversation has no assistant turn to train on"):
+        enc.encode({"messages": [{"role": "user", "content": "q"}]}, "x:1")
 
 
 def test_template_that_rewrites_history_is_refused():

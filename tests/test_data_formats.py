@@ -4,6 +4,7 @@ of the record converted to OpenAI messages by hand; every input kind gives the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -232,15 +233,24 @@ def apply_chat_template(tok):
     return apply
 
 
+def template_encoder(tok, name: str) -> ChatEncoder:
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
+        return ChatEncoder(dataclasses.replace(tok, chat_template=f.read()), renderer="template")
+
+
+@pytest.mark.parametrize("renderer", ["qwen2.5", "qwen25_chat_template.jinja", "qwen25_generation_chat_template.jinja"])
 @pytest.mark.parametrize("fmt", list(RECORDS))
-def test_each_format_equals_apply_chat_template_of_its_openai_form(encoder, apply_chat_template, fmt):
+def test_each_format_equals_apply_chat_template_of_its_openai_form(tok, encoder, apply_chat_template, fmt, renderer):
+    """The built-in renderer, Qwen2.5's template (responses by prefix splitting) and the same template written
+    TRL-style (responses from its generation tags) all give transformers' ids and assistant mask."""
+    enc = encoder if renderer == "qwen2.5" else template_encoder(tok, renderer)
     for k, (record, (messages, tools)) in enumerate(zip(RECORDS[fmt], BY_HAND[fmt], strict=True)):
-        doc = encoder.encode(record, f"{fmt}:{k}", fmt)
+        doc = enc.encode(record, f"{fmt}:{k}", fmt)
         ids, mask = apply_chat_template(messages, tools)
         assert doc.input_ids.tolist() == ids, (fmt, k)
         assert doc.loss_mask.tolist() == mask, (fmt, k)
     if fmt != "openai":  # a top-level system prompt is honoured, never replaced by the default one
-        text = encoder.tokenizer.decode(encoder.encode(RECORDS[fmt][0], "", fmt).input_ids)
+        text = enc.tokenizer.decode(enc.encode(RECORDS[fmt][0], "", fmt).input_ids)
         assert "You are Qwen" not in text and text.count("<|im_start|>system\n") == 1
 
 

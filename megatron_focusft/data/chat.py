@@ -3,9 +3,10 @@
 Rendering
     * ``Qwen25Renderer``: the built-in Qwen2.5 ChatML renderer (default system prompt, tools block in the
       system turn, ``<tool_call>`` JSON inside the assistant turn, runs of tool results in one ``user`` turn).
-    * ``TemplateRenderer``: the checkpoint's own Jinja ``chat_template`` (rendered the way Hugging Face
-      ``apply_chat_template`` does), split into turns by rendering growing prefixes of the conversation and
-      checking that every prefix is a prefix of the full rendering.
+    * ``TemplateRenderer``: the checkpoint's own Jinja ``chat_template``, rendered by transformers as
+      ``apply_chat_template`` renders it; responses are its ``{% generation %}`` spans (TRL-style templates) or
+      found by rendering growing prefixes of the conversation and checking that every prefix is a prefix of the
+      full rendering.
 
 Both return segments (context / assistant header / assistant response).  The whole text is tokenized once
 (with character offsets), so the ids are exactly those of tokenizing the full rendering; a token is a
@@ -19,8 +20,8 @@ mask are the maximal runs of equal loss-mask value: :mod:`megatron_focusft.masks
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -121,67 +122,85 @@ class Qwen25Renderer:
         return segs
 
 
-@lru_cache(maxsize=8)
-def _compile_template(source: str):
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers tells a TRL-style template
 
-    def raise_exception(message):
-        raise TemplateError(message)
 
-    def strftime_now(fmt):
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
+def _render_jinja_template():
+    """transformers' renderer of chat templates (what ``apply_chat_template`` calls), or a one-line error."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:
+        raise DataError(
+            "rendering a chat template needs transformers >= 4.52 (render_jinja_template); upgrade it, or pass "
+            "--renderer qwen2.5",
+            "tokenizer",
+        ) from None
+    return render_jinja_template
 
 
 def _hf_messages(messages: list[dict]) -> list[dict]:
-    """Canonical messages in the Hugging Face form templates expect (tool calls under ``function``)."""
+    """Canonical messages in the OpenAI form templates expect (tool calls under ``function``, with their ids,
+    and a tool result's ``tool_call_id``: templates such as Mistral's render them)."""
     out = []
     for m in messages:
         hm = {"role": m["role"], "content": m["content"]}
         if m.get("tool_calls"):
             hm["tool_calls"] = [
-                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                {
+                    **({"id": c["id"]} if "id" in c else {}),
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
                 for c in m["tool_calls"]
             ]
+        if "tool_call_id" in m:
+            hm["tool_call_id"] = m["tool_call_id"]
         out.append(hm)
     return out
 
 
 class TemplateRenderer:
-    """A checkpoint's Jinja chat template, split into turns by rendering growing prefixes."""
+    """A checkpoint's Jinja chat template, rendered by transformers exactly as ``apply_chat_template`` renders it
+    (its sandbox, filters and ``{% generation %}`` tag; the tokenizer's named special tokens as variables).
+
+    Responses: a TRL-style template marks them itself with ``{% generation %}`` (the spans transformers'
+    ``return_assistant_tokens_mask`` uses); any other (Qwen2.5's has no such tags) is split into turns by
+    rendering growing prefixes of the conversation, each checked to be a prefix of the full rendering, the
+    assistant header being what ``add_generation_prompt`` adds.
+    """
 
     name = "template"
 
-    def __init__(self, template: str, special_tokens: dict | None = None):
+    def __init__(self, template: str, special_tokens: dict[str, str] | None = None):
         self.source = template
-        self.template = _compile_template(template)
-        self.extra = {"bos_token": "", "eos_token": "<|im_end|>", **(special_tokens or {})}
+        self.extra = dict(special_tokens or {})
+        self.generation = bool(GENERATION_TAG.search(template))
+        self._render = _render_jinja_template()
+        self._render(conversations=[], chat_template=template)  # compiles it: a syntax error surfaces here
+
+    def _apply(self, messages: list[dict], tools: list | None, **kwargs) -> tuple[str, list[tuple[int, int]]]:
+        """(rendering, generation spans) of one conversation; a failing template is a ``DataError``."""
+        try:
+            rendered, spans = self._render(
+                conversations=[_hf_messages(messages)],
+                tools=tools or None,
+                chat_template=self.source,
+                **kwargs,
+                **self.extra,
+            )
+        except Exception as e:  # jinja errors, raise_exception() in the template, transformers' checks
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise DataError(f"chat template failed: {msg}", "template") from None
+        return rendered[0], (spans[0] if spans else [])
 
     def full(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = False) -> str:
         if not messages:
             return ""
-        try:
-            return self.template.render(
-                messages=_hf_messages(messages),
-                tools=tools or None,
-                add_generation_prompt=add_generation_prompt,
-                **self.extra,
-            )
-        except DataError:
-            raise
-        except Exception as e:  # jinja errors, raise_exception() in the template
-            raise DataError(f"chat template failed: {e}", "template") from None
+        return self._apply(messages, tools, add_generation_prompt=add_generation_prompt)[0]
 
     def render(self, messages: list[dict], tools: list | None) -> list[Segment]:
+        if self.generation:
+            return self._render_tagged(messages, tools)
         full = self.full(messages, tools)
         segs: list[Segment] = []
         done = 0  # characters of `full` already assigned to segments (= rendering of the last stable prefix)
@@ -213,6 +232,23 @@ class TemplateRenderer:
             raise DataError("turn-by-turn rendering differs from the full rendering", "template")
         return segs
 
+    def _render_tagged(self, messages: list[dict], tools: list | None) -> list[Segment]:
+        """Segments of a TRL-style template's rendering: its generation spans are the responses."""
+        text, spans = self._apply(messages, tools, return_assistant_tokens_mask=True)
+        segs: list[Segment] = []
+        done = 0
+        for a, b in spans:
+            if not done <= a <= b <= len(text):
+                raise DataError(f"chat template's generation spans overlap or run past the text ({a}, {b})", "template")
+            if a > done:
+                segs.append(Segment(text[done:a], "context"))
+            if b > a:
+                segs.append(Segment(text[a:b], "response"))
+            done = b
+        if done < len(text):
+            segs.append(Segment(text[done:], "context"))
+        return segs
+
 
 # --------------------------------------------------------------------------------------------- encoder
 def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
@@ -222,7 +258,9 @@ def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
     if not tokenizer.chat_template:
         raise DataError(f"{tokenizer.folder}: no chat_template in this tokenizer folder", "tokenizer")
     try:
-        return TemplateRenderer(tokenizer.chat_template)
+        return TemplateRenderer(tokenizer.chat_template, tokenizer.special_tokens)
+    except DataError:
+        raise
     except Exception as e:  # a jinja2 TemplateSyntaxError: a corrupt or unsupported template
         where = tokenizer.chat_template_file or tokenizer.folder
         line = f" line {e.lineno}" if isinstance(getattr(e, "lineno", None), int) else ""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
@@ -97,6 +97,7 @@ class ChatTokenizer:
     folder: str
     added_tokens: str
     chat_template_file: str | None = None  # where chat_template comes from (for error messages)
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ...: template variables
 
     def encode_text(self, text: str):
         """``tokenizers.Encoding`` of ``text`` (no added BOS/EOS).
@@ -286,6 +287,23 @@ def _chat_template_and_file(folder: str) -> tuple[str | None, str | None]:
     return (tpl or None), (cfg_path if tpl else None)
 
 
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _special_tokens(folder: str) -> dict[str, str]:
+    """The named special tokens ``tokenizer_config.json`` declares (a string, or an ``AddedToken`` object's
+    ``content``): the variables ``apply_chat_template`` gives a chat template besides the messages."""
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    out = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        value = cfg.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[name] = value
+    return out
+
+
 def _keep_qwen25(added: list[dict]) -> list[dict]:
     wanted = {content: QWEN25_FIRST_ADDED_ID + i for i, (content, _) in enumerate(QWEN25_ADDED_TOKENS)}
     return [a for a in added if wanted.get(a["content"]) == a["id"]]
@@ -372,4 +390,4 @@ def load_tokenizer(folder: str, added_tokens: AddedTokens = "file") -> ChatToken
     tok.no_padding()
     tok.no_truncation()
     template, template_file = _chat_template_and_file(folder)
-    return ChatTokenizer(tok, template, folder, added_tokens, template_file)
+    return ChatTokenizer(tok, template, folder, added_tokens, template_file, _special_tokens(folder))
