@@ -406,7 +406,8 @@ def test_cli_detects_each_input_and_says_so(encoder, tmp_path, capsys):
         path = tmp_path / f"{fmt}.json"
         path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
         inputs.append(str(path))
-    common = ["--tokenizer", QWEN2_DIR, "--added-tokens", "qwen2.5", "--pack-length", "512", "--no-progress"]
+    common = ["--tokenizer", QWEN2_DIR, "--added-tokens", "qwen2.5", "--renderer", "qwen2.5", "--pack-length", "512"]
+    common += ["--no-progress"]
     rc = tool.main(["--input", *inputs, "--out", str(tmp_path / "ds"), *common])
     out = capsys.readouterr().out
     assert rc == 0

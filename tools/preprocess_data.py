@@ -81,8 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--added-tokens",
         choices=["file", "qwen2.5"],
-        default="file",
-        help="qwen2.5: keep only Qwen2.5's 22 added tokens (ids 151643..151664)",
+        help="qwen2.5: keep only Qwen2.5's 22 added tokens (ids 151643..151664); file: all the folder has "
+        "(the default, with a warning when a Qwen2-family tokenizer adds tokens after Qwen2.5's)",
+    )
+    p.add_argument(
+        "--model-vocab-size",
+        type=int,
+        metavar="N",
+        help="tokens of the model's own tokenizer (Qwen2.5: 151665): warn when this tokenizer has more",
     )
     p.add_argument(
         "--format",
@@ -103,8 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--role-map", default="", help="role renames before anything else, e.g. bot=assistant,me=user")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.pack_length < 1 or args.workers < 1:
-        p.error("--pack-length and --workers must be positive")
+    if args.pack_length < 1 or args.workers < 1 or (args.model_vocab_size or 1) < 1:
+        p.error("--pack-length, --workers and --model-vocab-size must be positive")
     if not os.path.basename(args.out):
         p.error(f"--out is a prefix (e.g. data/train), not a folder: {args.out!r}")
     try:
@@ -146,6 +152,7 @@ def main(argv=None) -> int:
         loss_on=args.loss_on,
         renderer=args.renderer,
         added_tokens=args.added_tokens,
+        model_vocab_size=args.model_vocab_size,
         fields=FieldNames(
             messages=args.messages_field,
             role=args.role_field,
@@ -164,7 +171,7 @@ def main(argv=None) -> int:
         overwrite=args.overwrite,
     )
     try:
-        stats = preprocess(cfg)
+        stats = preprocess(cfg, log=lambda message: print(message, file=sys.stderr))
     except DataError as e:
         if e.reason in USAGE_REASONS:
             print(f"error: {e}; nothing was written", file=sys.stderr)

@@ -268,6 +268,17 @@ def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
         raise DataError(f"{where}: the chat template does not compile ({msg}{line})", "tokenizer") from None
 
 
+def builtin_renderer_warning(tokenizer: ChatTokenizer) -> str:
+    """What ``renderer="auto"`` falls back to without a chat template: said once, before any work, since it
+    changes every record (a default system prompt appears in each conversation without one)."""
+    return (
+        f"{tokenizer.folder}: no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
+        "rendering with the built-in Qwen2.5 ChatML renderer, which gives every conversation without a system "
+        f"turn Qwen2.5's default system prompt ({QWEN25_DEFAULT_SYSTEM!r}); for another model give the folder its "
+        "chat template; --renderer qwen2.5 chooses this renderer (and silences this warning)"
+    )
+
+
 def unexpected_error(e: BaseException, location: str | None = None) -> DataError:
     """An unexpected exception from one record, as a ``DataError(reason="unexpected")`` at ``location``."""
     return DataError(f"unexpected {type(e).__name__} while encoding: {str(e)[:200]}", "unexpected", location)

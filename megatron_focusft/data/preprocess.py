@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .chat import ChatEncoder, Document, unexpected_error
+from .chat import ChatEncoder, Document, Qwen25Renderer, builtin_renderer_warning, unexpected_error
 from .dataset import DocumentStore, _DocumentReader, dataset_files, write_packs
 from .errors import DataError
 from .formats import FORMATS, FieldNames, RecordFormat, detect_format
 from .packing import best_fit_decreasing, packing_efficiency
 from .reading import RawRecord, check_inputs, count_records, iter_file_records, parse_record
-from .tokenizer import load_tokenizer
+from .tokenizer import added_token_warning, load_tokenizer
 
 MAX_REPORTED_ERRORS = 20
 
@@ -41,7 +41,8 @@ class PreprocessConfig:
     overlong: str = "drop"  # drop | truncate | error
     loss_on: str = "all"  # all | last
     renderer: str = "auto"  # auto | template | qwen2.5
-    added_tokens: str = "file"  # file | qwen2.5
+    added_tokens: str | None = None  # file | qwen2.5; None: file, with a warning where it may not fit the model
+    model_vocab_size: int | None = None  # tokens of the model's own tokenizer, when known (for that warning)
     fields: FieldNames = field(default_factory=FieldNames)
     record_format: str = "auto"  # auto (per input, from its first records) | openai | sharegpt | swift | alpaca
     progress: bool = True
@@ -67,6 +68,7 @@ class Stats:
     tokens_per_second: float = 0.0
     workers: int = 1
     formats: dict = field(default_factory=dict)  # input -> record format (and "(detected)" when it was)
+    warnings: list = field(default_factory=list)  # said once before the run (see start_warnings)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +87,11 @@ def format_summary(s: Stats) -> str:
         f"packing efficiency     {100 * s.packing_efficiency:.2f}% (real tokens / all tokens)",
         f"time                   {s.seconds:.1f} s "
         f"({s.tokens_per_second / max(1, s.workers):,.0f} tokens/s per worker)",
+        *(
+            [f"warnings               {len(s.warnings)} (printed before the run; in the stats too)"]
+            if s.warnings
+            else []
+        ),
     ]
     return "\n".join(lines)
 
@@ -94,7 +101,7 @@ _ENCODER: ChatEncoder | None = None
 
 
 def _make_encoder(cfg: PreprocessConfig) -> ChatEncoder:
-    tok = load_tokenizer(cfg.tokenizer, added_tokens=cfg.added_tokens)
+    tok = load_tokenizer(cfg.tokenizer, added_tokens=cfg.added_tokens or "file")
     return ChatEncoder(
         tok,
         renderer=cfg.renderer,
@@ -142,7 +149,8 @@ def _chunks(it, n):
 
 # --------------------------------------------------------------------------------------------- driver
 def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
-    """Run the whole preprocessing; raises :class:`DataError` under ``on_error="fail"`` (nothing written)."""
+    """Run the whole preprocessing; raises :class:`DataError` under ``on_error="fail"`` (nothing written).
+    ``log`` gets the warnings (:func:`start_warnings`), once, before the records are read."""
     if cfg.on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be skip or fail, got {cfg.on_error!r}")
     t0 = time.perf_counter()
@@ -150,6 +158,9 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     check_output(cfg.out, cfg.overwrite)
     formats = input_formats(cfg)
     encoder = _make_encoder(cfg)  # fails early on a bad tokenizer folder / options
+    warnings = start_warnings(cfg, encoder)
+    for message in warnings:
+        log(f"warning: {message}")
     out_dir = os.path.dirname(os.path.abspath(cfg.out))
     with _writing(out_dir):  # fails early, before the inputs are read, on a folder that cannot be written
         os.makedirs(out_dir, exist_ok=True)
@@ -157,7 +168,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     stage = None
     try:
         total = count_records(cfg.inputs)
-        stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)
+        stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers, warnings=warnings)
         stats.formats = {path: fmt + (" (detected)" if cfg.record_format == "auto" else "") for path, fmt in formats}
         with _writing(out_dir):
             stage = DocumentStore(os.path.join(stage_dir, "docs"))
@@ -183,6 +194,18 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         if stage is not None:
             stage.close()
         shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def start_warnings(cfg: PreprocessConfig, encoder: ChatEncoder) -> list[str]:
+    """What the run does that the user may not expect, said once (not per worker or record): the built-in
+    renderer standing in for a missing chat template, and added tokens the model may not have."""
+    out = []
+    if cfg.renderer == "auto" and isinstance(encoder.renderer, Qwen25Renderer):
+        out.append(builtin_renderer_warning(encoder.tokenizer))
+    if cfg.added_tokens is None or cfg.model_vocab_size is not None:
+        message = added_token_warning(encoder.tokenizer, cfg.model_vocab_size)
+        out += [message] if message else []
+    return out
 
 
 def input_formats(cfg: PreprocessConfig) -> list[tuple[str, RecordFormat]]:
@@ -308,7 +331,7 @@ def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder, formats: list[tu
         "pad_id": encoder.tokenizer.pad_id,
         "vocab_size": encoder.tokenizer.vocab_size,
         "tokenizer": os.path.abspath(cfg.tokenizer),
-        "added_tokens": cfg.added_tokens,
+        "added_tokens": cfg.added_tokens or "file",
         "renderer": encoder.renderer.name,
         "loss_on": cfg.loss_on,
         "overlong": cfg.overlong,

@@ -226,6 +226,39 @@ class ChatTokenizer:
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=False)
 
 
+def added_token_warning(tok: ChatTokenizer, model_vocab_size: int | None = None) -> str | None:
+    """Why this tokenizer may not tokenise as the model expects, from what can be known here, or None.
+
+    Nothing here knows the model (only its tokenizer folder), so: with ``model_vocab_size`` (the number of
+    tokens of the model's own tokenizer, e.g. 151,665 for Qwen2.5), the tokens at or past it, which the model
+    never learned; without it, added tokens after Qwen2.5's 22 in a Qwen2-family tokenizer (Qwen3-era files add
+    ``<tool_response>``, ``<think>``, ...): strings a Qwen2.5 model reads as several tokens become one new one.
+    """
+    added = sorted((i, t.content) for i, t in tok.tokenizer.get_added_tokens_decoder().items())
+    size = tok.vocab_size
+    if model_vocab_size is not None:
+        if size <= model_vocab_size:
+            return None
+        beyond = [f"{i} {c!r}" for i, c in added if i >= model_vocab_size]
+        return (
+            f"{tok.folder}: the tokenizer has {size} tokens, the model {model_vocab_size} (--model-vocab-size): "
+            f"ids from {model_vocab_size} on ({', '.join(beyond[:8]) or 'base vocabulary'}) are tokens the model "
+            "never learned; pass the model's own tokenizer (Qwen2.5 with Qwen3-era files: --added-tokens qwen2.5)"
+        )
+    later = _keep_qwen25([{"id": i, "content": c} for i, c in added])
+    if len(later) < len(QWEN25_ADDED_TOKENS):  # not a Qwen2-family tokenizer: nothing to compare with
+        return None
+    extra = [f"{i} {c!r}" for i, c in added if i >= QWEN25_FIRST_ADDED_ID + len(QWEN25_ADDED_TOKENS)]
+    if not extra:
+        return None
+    return (
+        f"{tok.folder}: the tokenizer adds {len(extra)} tokens after Qwen2.5's 22 ({', '.join(extra[:8])}): each is "
+        "one token here, where Qwen2.5's own tokenizer spells it in several (e.g. '<tool_response>' as 4), so a "
+        "Qwen2.5 model never learned them; for a Qwen2.5 model pass --added-tokens qwen2.5, for a model whose "
+        "tokenizer has them (Qwen3) --added-tokens file or --model-vocab-size"
+    )
+
+
 def _first_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message as one short line (library messages can be long or span lines)."""
     lines = str(e).strip().splitlines()
