@@ -381,6 +381,10 @@ def test_detection_rules_and_one_line_errors(tmp_path):
             r"two.jsonl: cannot tell the record format: two.jsonl:1 fits alpaca and openai \(fields: messages, "
             r"instruction, output\); pass --format",
         ),
+        "turns": (
+            [{"conversations": [{"role": "user", "content": "q"}]}, {"messages": [{"from": "human", "value": "q"}]}],
+            r"turns.jsonl: cannot tell the record format \(fields seen: conversations, messages;",
+        ),
         "mixed": (
             RECORDS["sharegpt"] + RECORDS["alpaca"],
             r"mixed.jsonl: records of more than one format: sharegpt "

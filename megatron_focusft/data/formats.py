@@ -320,35 +320,46 @@ def _check_tool_answer(msg: dict, where: str, previous: list[dict]) -> None:
 
 # --------------------------------------------------------------------------------------------- detection
 def record_formats(record: dict, fields: FieldNames | None = None) -> set[RecordFormat]:
-    """The layouts a record looks like (empty: none; more than one: ambiguous).
+    """The layouts a record looks like (empty: none; more than one: ambiguous), each only where that layout's
+    reading of the record finds its turns (the field names are each layout's own unless given):
 
     * ``alpaca``: it has the ``instruction`` and ``output`` fields;
-    * a list of turns under ``messages`` or ``conversations`` (or ``--messages-field``) whose roles (``role``,
-      or ``from`` where the turns have it, or ``--role-field``; after ``--role-map``) include ``human``,
-      ``gpt``, ``function_call`` or ``observation``: ``sharegpt``; ``tool_call`` or ``tool_response``:
-      ``swift``; neither: ``sharegpt`` when the roles are under ``from``, else ``openai``.
+    * ``openai`` / ``swift``: turns under ``messages`` with a ``role``; ``swift`` when a role (after
+      ``role_map``) is ``tool_call`` or ``tool_response``; none of ShareGPT's tags;
+    * ``sharegpt``: turns under ``conversations`` with a ``from``; none of ms-swift's tags.
+
+    Where the given names make both readings the same (``--messages-field conversations --role-field from``),
+    ShareGPT's tags (``human``, ``gpt``, ``function_call``, ``observation``) or a role field named ``from``
+    make it ``sharegpt``, else the OpenAI reading stands.
     """
     fields = fields or FieldNames()
     found: set[RecordFormat] = set()
     if fields.instruction in record and fields.output in record:
         found.add("alpaca")
-    for key in dict.fromkeys((fields.messages or "messages", fields.messages or "conversations")):
-        try:
-            turns = _json_field(record, key)
-        except DataError:
-            continue
-        turns = [t for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
-        if not turns:
-            continue
-        role_key = fields.role or ("from" if any("from" in t for t in turns) else "role")
-        roles = {fields.role_map.get(r, r) for t in turns if isinstance(r := t.get(role_key), str)}
-        if roles & SHAREGPT_TAGS.keys():
-            found.add("sharegpt")
-        if roles & SWIFT_TAGS.keys():
-            found.add("swift")
-        if not roles & (SHAREGPT_TAGS.keys() | SWIFT_TAGS.keys()):
-            found.add("sharegpt" if role_key == "from" else "openai")
+    messages_like = _turn_roles(record, fields.of("openai"))
+    if messages_like is not None and not messages_like & SHAREGPT_TAGS.keys():
+        found.add("swift" if messages_like & SWIFT_TAGS.keys() else "openai")
+    sharegpt_like = _turn_roles(record, fields.of("sharegpt"))
+    if sharegpt_like is not None and not sharegpt_like & SWIFT_TAGS.keys():
+        found.add("sharegpt")
+    same_reading = fields.of("openai").messages == fields.of("sharegpt").messages and fields.role is not None
+    if same_reading and "sharegpt" in found and found & {"openai", "swift"}:
+        tagged = (messages_like or set()) & SHAREGPT_TAGS.keys()
+        found -= {"openai", "swift"} if tagged or fields.role == "from" else {"sharegpt"}
     return found
+
+
+def _turn_roles(record: dict, fields: FieldNames) -> set[str] | None:
+    """The roles (after ``role_map``) of the turns under ``fields.messages`` that have a ``fields.role``; None
+    when there are no such turns."""
+    try:
+        turns = _json_field(record, fields.messages)
+    except DataError:
+        return None
+    turns = [t for t in turns if isinstance(t, dict) and fields.role in t] if isinstance(turns, list) else []
+    if not turns:
+        return None
+    return {fields.role_map.get(r, r) for t in turns if isinstance(r := t[fields.role], str)}
 
 
 def detect_format(path: str, fields: FieldNames | None = None) -> RecordFormat:
