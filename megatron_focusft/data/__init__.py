@@ -12,7 +12,6 @@ from .chat import (
 from .dataset import PackedDataset, PackLoader, write_documents, write_packs
 from .errors import DataError
 from .formats import FieldNames, detect_format, normalize_conversation
-from .packed_input import PackedInput
 from .packing import best_fit_decreasing, pad_multiple
 from .reading import iter_records, parse_record
 from .tokenizer import ChatTokenizer, load_tokenizer
@@ -38,3 +37,12 @@ __all__ = [
     "normalize_conversation",
     "parse_record",
 ]
+
+
+def __getattr__(name: str):
+    """``PackedInput`` on first use: it needs torch, which nothing else here does (preprocessing never loads it)."""
+    if name == "PackedInput":
+        from .packed_input import PackedInput
+
+        return PackedInput
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

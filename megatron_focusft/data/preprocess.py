@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .chat import ChatEncoder, Document, Qwen25Renderer, builtin_renderer_warning, unexpected_error
-from .dataset import DocumentStore, _DocumentReader, dataset_files, write_packs
+from .dataset import DocumentStore, dataset_files, write_packs
 from .errors import DataError
 from .formats import FORMATS, FieldNames, RecordFormat, detect_format
 from .packing import best_fit_decreasing, packing_efficiency
@@ -187,8 +187,7 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         stats.seconds = time.perf_counter() - t0
         stats.tokens_per_second = stats.tokens / max(1e-9, stats.seconds)
         with _writing(out_dir):
-            docs = _DocumentReader(os.path.join(stage_dir, "docs"))
-            write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
+            write_packs(cfg.out, stage.documents(), bins, {**meta, "stats": stats.to_dict()})
         return stats
     finally:
         if stage is not None:
