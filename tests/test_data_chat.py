@@ -405,3 +405,21 @@ def test_nfc_shortcut_gives_the_normalised_ids(tok):
         assert tok.encode_text(text).ids == tok.tokenizer.encode(text, add_special_tokens=False).ids
     assert tok.encode_text("e\u0301").ids == tok.encode("é")
     assert type(tok.tokenizer.normalizer).__name__ == "NFC"  # restored
+
+
+def test_byte_token_ends_give_char_to_token(tok):
+    """The fast path (ids without offsets, token ends from each id's bytes) finds for every character the token
+    char_to_token finds, on text whose characters byte-level BPE splits across tokens (emoji, flags, CJK)."""
+    import random
+
+    from megatron_focusft.data.tokenizer import ByteTokens, OffsetTokens
+
+    rng = random.Random(0)
+    pieces = ["😀", "👍🏽", "🇫🇷", "こんにちは", "数据", "é", "ß", "—", "𝔘𝔫", "\n", "\n\n", " ", "  ", "\t", "abc"]
+    pieces += [" word", "<|im_start|>", "<|im_end|>", "<tool_call>", "Ça", "1234"]
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
+        fast, slow = tok.tokenize(text), OffsetTokens(tok.encode_text(text))
+        assert isinstance(fast, ByteTokens) and fast.ids.tolist() == slow.ids.tolist(), text
+        chars = list(range(len(text) + 1))
+        assert fast.first_tokens(chars).tolist() == slow.first_tokens(chars).tolist(), text

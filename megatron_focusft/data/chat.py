@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import DataError
 from .formats import FieldNames, RecordFormat, normalize_conversation
-from .tokenizer import ChatTokenizer
+from .tokenizer import ByteTokens, ChatTokenizer, OffsetTokens
 
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -352,8 +352,8 @@ class ChatEncoder:
                 segs, text, enc = self._truncation_prefix(segs, text)
                 known_overlong = True
         if enc is None:
-            enc = self.tokenizer.encode_text(text)
-        ids = np.asarray(enc.ids, dtype=np.int32)
+            enc = self.tokenizer.tokenize(text)
+        ids = enc.ids
         spans = []  # character spans of the response segments
         pos = 0
         for s in segs:
@@ -419,29 +419,26 @@ class ChatEncoder:
             if not self.tokenizer.splits_before(text, ends[k]) or (ends[k] < target and not last):
                 continue
             prefix = text[: ends[k]]
-            enc = self.tokenizer.encode_text(prefix)
+            enc = self.tokenizer.tokenize(prefix)
             if last or len(enc.ids) > self.max_length:
                 return segs[: k + 1], prefix, enc
             target = 2 * ends[k]
         raise AssertionError("unreachable: the end of the text is always a split point")
 
 
-def _response_token_ranges(enc, spans: list[tuple[int, int]], text_len: int):
-    """Token ranges ``[first, end)`` of character spans: every token overlapping a span belongs to it.
+def _response_token_ranges(tokens: ByteTokens | OffsetTokens, spans: list[tuple[int, int]], text_len: int):
+    """Token ranges ``[first, end)`` of character spans: every token overlapping a span belongs to it (as
+    transformers' ``return_assistant_tokens_mask`` has it: the tokens holding the span's first and last character,
+    and those between).
 
     ``aligned[k]``: the span ends exactly at a token boundary (a safe truncation point).
     """
-    first = np.empty(len(spans), dtype=np.int64)
-    end = np.empty(len(spans), dtype=np.int64)
-    aligned = np.empty(len(spans), dtype=bool)
-    for k, (a, b) in enumerate(spans):
-        ta, tb = enc.char_to_token(a), enc.char_to_token(b - 1)
-        tnext = enc.char_to_token(b) if b < text_len else None
-        if ta is None or tb is None or (b < text_len and tnext is None):
-            return _response_token_ranges_from_offsets(enc, spans, text_len)
-        first[k], end[k] = ta, tb + 1
-        aligned[k] = b >= text_len or tnext != tb
-    return first, end, aligned
+    at = tokens.first_tokens([c for a, b in spans for c in (a, b - 1, b)]).reshape(-1, 3)
+    ta, tb, tnext = at[:, 0], at[:, 1], at[:, 2]
+    inside = np.array([b < text_len for _, b in spans])
+    if (ta < 0).any() or (tb < 0).any() or (inside & (tnext < 0)).any():  # characters no token holds
+        return _response_token_ranges_from_offsets(tokens.encoding, spans, text_len)
+    return ta, tb + 1, ~inside | (tnext != tb)
 
 
 def _response_token_ranges_from_offsets(enc, spans, text_len):
