@@ -25,7 +25,7 @@ setup(
         # megatron-core >= 0.18 (Python 3.12) imports triton at import time (see above); it needs no GPU.
         "triton; python_version >= '3.12' and sys_platform == 'linux' and platform_machine == 'x86_64'",
         # Reference models for the differential tests and the HF side of the converters.
-        "transformers>=4.45,<6",
+        "transformers>=4.52,<6",
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "numpy>=1.24",
@@ -36,9 +36,20 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=1.12"],
+        # Parquet files and folders, and datasets save_to_disk folders (read with pyarrow alone)
         "parquet": ["pyarrow>=14"],
         "analysis": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=14", "ruff>=0.5", "matplotlib>=3.7", "tensorboard>=2.14"],
+        # (datasets: the tests write real save_to_disk folders; reading one needs only pyarrow)
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",  # a test that hangs fails with its stack instead of stalling CI
+            "hypothesis>=6.100",
+            "pyarrow>=14",
+            "datasets>=2.14",
+            "ruff>=0.5",
+            "matplotlib>=3.7",
+            "tensorboard>=2.14",
+        ],
     },
 )

@@ -34,7 +34,8 @@ python3 tools/convert_hf_to_megatron.py --hf-dir "$WORK/hf" --out "$WORK/megatro
 
 echo "== 3. render, tokenise and pack into 2048-token sequences"
 python3 tools/preprocess_data.py --input "$WORK/data/train.jsonl" --tokenizer "$WORK/tokenizer" \
-  --out "$WORK/data/train" --pack-length 2048 --stats-json "$WORK/data/stats.json" --no-progress
+  --out "$WORK/data/train" --pack-length 2048 --stats-json "$WORK/data/stats.json" --no-progress \
+  --renderer qwen2.5  # (the tiny tokenizer has no chat template: the built-in Qwen2.5 renderer, chosen)
 
 TRAIN=(tools/train.py --device cpu --pretrained-checkpoint "$WORK/megatron" --data-path "$WORK/data/train"
   --tensor-model-parallel-size 2 --sequence-parallel --micro-batch-size 1 --global-batch-size 4

@@ -205,14 +205,32 @@ def test_vocab_and_merges_tokenize_like_tokenizer_json(tmp_path, tok):
 def test_chat_template_from_the_checkpoint_folder_matches_builtin(tmp_path, encoder):
     os.symlink(os.path.join(QWEN2_DIR, "tokenizer.json"), tmp_path / "tokenizer.json")
     with open(TEMPLATE, encoding="utf-8") as f:
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": f.read()}))
+        config = {"chat_template": f.read(), "bos_token": None, "eos_token": {"content": "<|im_end|>"}}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok2 = load_tokenizer(str(tmp_path), added_tokens="qwen2.5")
+    assert tok2.special_tokens == {"eos_token": "<|im_end|>"}  # what apply_chat_template gives the template
     enc2 = ChatEncoder(tok2)  # auto: the folder's template
     assert isinstance(enc2.renderer, TemplateRenderer)
     for name, conv in CONVERSATIONS.items():
         a, b = encoder.encode(conv, name), enc2.encode(conv, name)
         assert a.input_ids.tolist() == b.input_ids.tolist(), name
         assert a.loss_mask.tolist() == b.loss_mask.tolist(), name
+
+
+def test_trl_generation_template_gives_the_builtin_ids_and_mask(tmp_path, encoder):
+    """A template with {% generation %} (TRL style): its generation spans are the responses, no prefix rendering."""
+    os.symlink(os.path.join(QWEN2_DIR, "tokenizer.json"), tmp_path / "tokenizer.json")
+    os.symlink(
+        os.path.join(os.path.dirname(TEMPLATE), "qwen25_generation_chat_template.jinja"),
+        tmp_path / "chat_template.jinja",
+    )
+    enc = ChatEncoder(load_tokenizer(str(tmp_path), added_tokens="qwen2.5"))
+    assert isinstance(enc.renderer, TemplateRenderer) and enc.renderer.generation
+    for name, conv in CONVERSATIONS.items():
+        doc = enc.encode(conv, name)
+        assert doc.input_ids.tolist() == EXPECTED_IDS[name] and runs(doc.loss_mask) == EXPECTED_RUNS[name], name
+    with pytest.raises(DataError, match="^x:1: conversation has no assistant turn to train on"):
+        enc.encode({"messages": [{"role": "user", "content": "q"}]}, "x:1")
 
 
 def test_template_that_rewrites_history_is_refused():
@@ -387,3 +405,21 @@ def test_nfc_shortcut_gives_the_normalised_ids(tok):
         assert tok.encode_text(text).ids == tok.tokenizer.encode(text, add_special_tokens=False).ids
     assert tok.encode_text("e\u0301").ids == tok.encode("é")
     assert type(tok.tokenizer.normalizer).__name__ == "NFC"  # restored
+
+
+def test_byte_token_ends_give_char_to_token(tok):
+    """The fast path (ids without offsets, token ends from each id's bytes) finds for every character the token
+    char_to_token finds, on text whose characters byte-level BPE splits across tokens (emoji, flags, CJK)."""
+    import random
+
+    from megatron_focusft.data.tokenizer import ByteTokens, OffsetTokens
+
+    rng = random.Random(0)
+    pieces = ["😀", "👍🏽", "🇫🇷", "こんにちは", "数据", "é", "ß", "—", "𝔘𝔫", "\n", "\n\n", " ", "  ", "\t", "abc"]
+    pieces += [" word", "<|im_start|>", "<|im_end|>", "<tool_call>", "Ça", "1234"]
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
+        fast, slow = tok.tokenize(text), OffsetTokens(tok.encode_text(text))
+        assert isinstance(fast, ByteTokens) and fast.ids.tolist() == slow.ids.tolist(), text
+        chars = list(range(len(text) + 1))
+        assert fast.first_tokens(chars).tolist() == slow.first_tokens(chars).tolist(), text

@@ -212,3 +212,24 @@ def test_a_version_1_dataset_reads_the_same(written, tmp_path):
     open(old + ".json", "w").write(json.dumps(meta))
     with pytest.raises(ValueError, match="version 3 is not a packed dataset this version reads"):
         PackedDataset(old)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8])
+def test_indexed_writer_writes_megatron_builders_bytes(tmp_path, dtype):
+    """data/indexed.py writes what Megatron's IndexedDatasetBuilder writes, byte for byte (no torch needed)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from megatron_focusft.data.indexed import IndexedWriter
+
+    rng = np.random.default_rng(0)
+    documents = [[rng.integers(0, 200, n) for n in rng.integers(1, 40, k)] for k in (3, 1, 5)]
+    ours, theirs = IndexedWriter(str(tmp_path / "a.bin"), dtype), IndexedDatasetBuilder(str(tmp_path / "b.bin"), dtype)
+    for doc in documents:
+        for w in (ours, theirs):
+            w.add_document(np.concatenate(doc), [len(s) for s in doc])
+    ours.finalize(str(tmp_path / "a.idx"))
+    theirs.finalize(str(tmp_path / "b.idx"))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes(), ext
+    read = IndexedDataset(str(tmp_path / "a"), mmap=True)
+    assert [s.tolist() for s in read] == [s.tolist() for doc in documents for s in doc]

@@ -59,3 +59,67 @@ def test_truncated_gzip_is_a_file_error(tmp_path):
     with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: cannot read past line") as e:
         list(iter_records([str(path)]))
     assert e.value.reason == "bad_file"
+
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": f"q{i} " * (i + 1)}, {"role": "assistant", "content": "a"}]}
+    for i in range(7)
+]
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_array_is_read_element_by_element(tmp_path, monkeypatch, indent):
+    import megatron_focusft.data.reading as reading
+
+    monkeypatch.setattr(reading, "_JSON_CHUNK", 5)  # every element is cut by the read window at least once
+    path = tmp_path / "in.json"
+    path.write_text("\ufeff" + json.dumps(RECORDS + [[1], "x"], indent=indent), encoding="utf-8")
+    got = records_or_errors([str(path)])
+    assert [loc for loc, _ in got] == [f"in.json:item {i}" for i in range(9)] and count_records([str(path)]) == 9
+    assert [r for _, r in got[:7]] == RECORDS
+    assert [str(e) for _, e in got[7:]] == [
+        "in.json:item 7: expected a JSON object, got an array",
+        "in.json:item 8: expected a JSON object, got a string",
+    ]
+
+
+def test_json_file_of_lines_is_jsonl_and_a_broken_array_is_a_file_error(tmp_path):
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    assert [r for _, r in records_or_errors([str(lines)])] == RECORDS
+    broken = tmp_path / "broken.json"
+    broken.write_text("[\n" + json.dumps(RECORDS[0]) + ",\n" + '{"messages" []}\n]')
+    with pytest.raises(
+        DataError, match=r"broken.json: not a JSON array of objects \(Expecting ':' delimiter at line 3"
+    ) as e:
+        list(iter_records([str(broken)]))
+    assert e.value.reason == "bad_file"
+
+
+def test_parquet_folder_and_datasets_folder_read_in_shard_order(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = tmp_path / "hub" / "data"
+    shards.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(RECORDS[4:]), shards / "train-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(RECORDS[:4]), shards / "train-00000-of-00002.parquet")
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "saved"), num_shards=2)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS)}).save_to_disk(str(tmp_path / "dd"))
+    for folder, first in (
+        ("hub", "hub/data/train-00000-of-00002.parquet:row 0"),
+        ("saved", "saved/data-00000-of-00002.arrow:row 0"),
+    ):
+        got = records_or_errors([str(tmp_path / folder)])
+        assert [r for _, r in got] == RECORDS and got[0][0] == first
+        assert count_records([str(tmp_path / folder)]) == len(RECORDS)
+    with pytest.raises(DataError, match=r"dd: a DatasetDict folder \(splits: train; e.g. .*dd/train\)"):
+        check_inputs([str(tmp_path / "dd")])
+    state = tmp_path / "saved" / "state.json"
+    state.write_text(json.dumps({"_data_files": [{"filename": "../../etc/passwd"}]}))
+    with pytest.raises(DataError, match="state.json: '_data_files' must list the folder's Arrow file names"):
+        check_inputs([str(tmp_path / "saved")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: a folder with neither Parquet files nor a datasets state.json"):
+        check_inputs([str(tmp_path / "empty")])

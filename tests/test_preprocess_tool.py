@@ -61,6 +61,8 @@ def run(tmp_path, *extra, inputs=None):
         QWEN2_DIR,
         "--added-tokens",
         "qwen2.5",
+        "--renderer",
+        "qwen2.5",
         "--out",
         str(out),
         "--pack-length",
@@ -149,6 +151,24 @@ def test_wrong_field_types_and_unexpected_errors_are_located(tmp_path, capsys, w
         rc, _, _ = run(tmp_path, "--on-error", "fail", "--workers", workers, "--overwrite")
         assert rc == 1
         assert f"error: in.jsonl:3: {stats['errors'][k].split(': ', 1)[1]}" in capsys.readouterr().err
+
+
+def _worker_exits(chunk):
+    os._exit(3)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    """multiprocessing.Pool waits forever for a dead worker's chunk; the executor's broken pool is a DataError."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from megatron_focusft.data.errors import DataError
+    from megatron_focusft.data.preprocess import _in_order
+
+    with ProcessPoolExecutor(1, mp_context=get_context("forkserver")) as pool:
+        with pytest.raises(DataError, match="a preprocessing worker died") as err:
+            list(_in_order(pool, _worker_exits, [[1], [2], [3]], window=2))
+    assert err.value.reason == "worker_died"
 
 
 def test_fail_mode_exits_non_zero_and_leaves_nothing(tmp_path, capsys):
@@ -261,6 +281,8 @@ def test_parquet_input_and_cli(tmp_path):
             QWEN2_DIR,
             "--added-tokens",
             "qwen2.5",
+            "--renderer",
+            "qwen2.5",
             "--out",
             str(out),
             "--pack-length",
@@ -287,6 +309,8 @@ def test_cli_error_starts_its_own_line_after_the_progress_bar(tmp_path):
             "--tokenizer",
             QWEN2_DIR,
             "--added-tokens",
+            "qwen2.5",
+            "--renderer",
             "qwen2.5",
             "--out",
             str(tmp_path / "o" / "ds"),
@@ -440,7 +464,18 @@ def test_full_disk_is_one_line_error_and_keeps_the_dataset(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
     argv = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", str(tmp_path / "big.jsonl")]
-    argv += ["--tokenizer", QWEN2_DIR, "--added-tokens", "qwen2.5", "--out", str(out), "--pack-length", "256"]
+    argv += [
+        "--tokenizer",
+        QWEN2_DIR,
+        "--added-tokens",
+        "qwen2.5",
+        "--renderer",
+        "qwen2.5",
+        "--out",
+        str(out),
+        "--pack-length",
+        "256",
+    ]
     proc = subprocess.run(
         [*argv, "--no-progress", "--overwrite"],
         capture_output=True,
@@ -560,7 +595,8 @@ spec = importlib.util.spec_from_file_location("preprocess_data", path)
 tool = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tool)
 work, tokenizer, name = sys.argv[2], sys.argv[3], sys.argv[4]
-common = ["--tokenizer", tokenizer, "--added-tokens", "qwen2.5", "--pack-length", "256", "--no-progress"]
+common = ["--tokenizer", tokenizer, "--added-tokens", "qwen2.5", "--renderer", "qwen2.5", "--pack-length", "256"]
+common += ["--no-progress"]
 assert tool.main(["--input", f"{work}/small.jsonl", "--out", f"{work}/warm-{name}/ds", *common]) == 0  # imports
 extra = ["--overlong", "truncate"] if name == "truncate" else []
 with open("/proc/self/clear_refs", "w") as f:
@@ -628,3 +664,26 @@ def test_huge_record_is_rejected_before_tokenising_in_bounded_time_and_memory(tm
     for name in ("drop", "truncate"):
         assert result[name]["seconds"] < 30, result
         assert result[name]["peak_growth_mb"] < 1024, result
+
+
+def test_warnings_are_said_once_before_the_run(tmp_path, capsys):
+    """No chat template (the built-in renderer and its default system prompt) and added tokens beyond Qwen2.5's:
+    each said once, before the run (by the main process; workers only encode), and kept in the stats."""
+    from megatron_focusft.data.tokenizer import added_token_warning, load_tokenizer
+
+    write_jsonl(tmp_path / "in.jsonl", GOOD)
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--tokenizer", QWEN2_DIR, "--out", str(tmp_path / "o" / "ds")]
+    argv += ["--pack-length", "256", "--no-progress", "--stats-json", str(tmp_path / "s.json")]
+    assert load_tool().main(argv) == 0
+    printed = capsys.readouterr()
+    warnings = [line for line in printed.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, printed.err
+    assert f"warning: {QWEN2_DIR}: no chat template" in warnings[0] and "default system prompt" in warnings[0]
+    assert "adds 4 tokens after Qwen2.5's 22 (151665 '<tool_response>', 151666 '</tool_response>'" in warnings[1]
+    assert "--added-tokens qwen2.5" in warnings[1]
+    assert json.loads((tmp_path / "s.json").read_text())["warnings"] == [w[len("warning: ") :] for w in warnings]
+    assert "warnings               2" in printed.out
+    # told the model's vocabulary: the tokens past it are named; Qwen2.5's own 151,665 tokens: nothing to say
+    qwen3_era = load_tokenizer(QWEN2_DIR)
+    assert "ids from 151665 on (151665 '<tool_response>'" in added_token_warning(qwen3_era, 151665)
+    assert added_token_warning(qwen3_era, 151669) is None

@@ -8,13 +8,12 @@ from .chat import (
     Document,
     Qwen25Renderer,
     TemplateRenderer,
-    normalize_conversation,
 )
 from .dataset import PackedDataset, PackLoader, write_documents, write_packs
 from .errors import DataError
-from .packed_input import PackedInput
+from .formats import FieldNames, detect_format, normalize_conversation
 from .packing import best_fit_decreasing, pad_multiple
-from .reading import FieldNames, iter_records, parse_record
+from .reading import iter_records, parse_record
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 __all__ = [
@@ -32,8 +31,18 @@ __all__ = [
     "FieldNames",
     "Qwen25Renderer",
     "TemplateRenderer",
+    "detect_format",
     "iter_records",
     "load_tokenizer",
     "normalize_conversation",
     "parse_record",
 ]
+
+
+def __getattr__(name: str):
+    """``PackedInput`` on first use: it needs torch, which nothing else here does (preprocessing never loads it)."""
+    if name == "PackedInput":
+        from .packed_input import PackedInput
+
+        return PackedInput
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

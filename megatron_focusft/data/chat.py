@@ -3,9 +3,10 @@
 Rendering
     * ``Qwen25Renderer``: the built-in Qwen2.5 ChatML renderer (default system prompt, tools block in the
       system turn, ``<tool_call>`` JSON inside the assistant turn, runs of tool results in one ``user`` turn).
-    * ``TemplateRenderer``: the checkpoint's own Jinja ``chat_template`` (rendered the way Hugging Face
-      ``apply_chat_template`` does), split into turns by rendering growing prefixes of the conversation and
-      checking that every prefix is a prefix of the full rendering.
+    * ``TemplateRenderer``: the checkpoint's own Jinja ``chat_template``, rendered by transformers as
+      ``apply_chat_template`` renders it; responses are its ``{% generation %}`` spans (TRL-style templates) or
+      found by rendering growing prefixes of the conversation and checking that every prefix is a prefix of the
+      full rendering.
 
 Both return segments (context / assistant header / assistant response).  The whole text is tokenized once
 (with character offsets), so the ids are exactly those of tokenizing the full rendering; a token is a
@@ -19,17 +20,16 @@ mask are the maximal runs of equal loss-mask value: :mod:`megatron_focusft.masks
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 
 from .errors import DataError
-from .reading import FieldNames
-from .tokenizer import ChatTokenizer
+from .formats import FieldNames, RecordFormat, normalize_conversation
+from .tokenizer import ByteTokens, ChatTokenizer, OffsetTokens
 
-ROLES = ("system", "user", "assistant", "tool")
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 LossOn = Literal["all", "last"]
@@ -53,151 +53,6 @@ class Document:
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum())
-
-
-# --------------------------------------------------------------------------------------------- messages
-def _text_content(content, where: str, name: str = "content") -> str:
-    """A message's content as text: a string, null, or a list of OpenAI text parts (strings or
-    ``{"type": "text", "text": str}``); anything else is a ``DataError`` naming the field ``name``."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: only text parts are supported
-        parts = []
-        for k, part in enumerate(content):
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                raise DataError(
-                    f"{where}: field {name!r} part {k}: unsupported content part {str(part)[:60]!r} "
-                    '(expected a string or {"type": "text", "text": <string>})',
-                    "bad_record",
-                )
-        return "".join(parts)
-    raise DataError(
-        f"{where}: field {name!r}: content must be a string or a list of text parts, got {type(content).__name__}",
-        "bad_record",
-    )
-
-
-def _tool_call(call, where: str) -> dict:
-    if not isinstance(call, dict):
-        raise DataError(f"{where}: a tool call must be an object", "bad_record")
-    fn = call.get("function", call)
-    name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str) or not name:
-        raise DataError(f"{where}: tool call without a function name", "bad_record")
-    args = fn.get("arguments", {})
-    if args is None:
-        args = {}
-    if isinstance(args, str):  # OpenAI form: arguments as a JSON string
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: tool call arguments are not valid JSON", "bad_record") from None
-    out = {"name": name, "arguments": args}
-    if isinstance(call.get("id"), str):
-        out["id"] = call["id"]
-    return out
-
-
-def normalize_conversation(record: dict, fields: FieldNames | None = None) -> tuple[list[dict], list | None]:
-    """Validate a record and return (messages, tools) in a canonical form.
-
-    Each message becomes ``{"role", "content": str}`` plus ``"tool_calls": [{"name", "arguments"}]`` on an
-    assistant turn that calls tools.  Raises :class:`DataError` (without location) on bad input.
-    """
-    fields = fields or FieldNames()
-    messages = _messages_field(record, fields)
-    tools = _tools_field(record, fields)
-    out: list[dict] = []
-    for i, msg in enumerate(messages):
-        out.append(_normalize_message(msg, f"message {i}", fields, out))
-    return out, tools
-
-
-def _messages_field(record: dict, fields: FieldNames) -> list:
-    messages = record.get(fields.messages)
-    if isinstance(messages, str):  # e.g. a Parquet column holding JSON text
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise DataError(f"field {fields.messages!r} is not valid JSON", "malformed_json") from None
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"field {fields.messages!r} missing or not a non-empty list", "bad_record")
-    return messages
-
-
-def _tools_field(record: dict, fields: FieldNames) -> list | None:
-    tools = record.get(fields.tools)
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError:
-            raise DataError(f"field {fields.tools!r} is not valid JSON", "malformed_json") from None
-    if tools is not None and not isinstance(tools, list):
-        raise DataError(f"field {fields.tools!r} must be a list of function schemas", "bad_record")
-    return tools
-
-
-def _normalize_message(msg, where: str, fields: FieldNames, previous: list[dict]) -> dict:
-    """One message in canonical form; ``previous`` are the conversation's messages before it, normalized."""
-    if not isinstance(msg, dict):
-        raise DataError(f"{where}: a message must be an object", "bad_record")
-    role = _role(msg, where, fields)
-    content = _text_content(msg.get(fields.content), where, fields.content)
-    norm = {"role": role, "content": content}
-    if role == "assistant":
-        calls = msg.get(fields.tool_calls) or []
-        if not isinstance(calls, list):
-            raise DataError(f"{where}: tool_calls must be a list", "bad_record")
-        if calls:
-            norm["tool_calls"] = [_tool_call(c, where) for c in calls]
-        elif not content.strip():
-            raise DataError(
-                f"{where}: assistant turn with empty content and no tool_calls",
-                "empty_assistant",
-            )
-    elif role == "tool":
-        _check_tool_answer(msg, where, previous)
-    return norm
-
-
-def _role(msg: dict, where: str, fields: FieldNames) -> str:
-    role = msg.get(fields.role)
-    if role is not None and not isinstance(role, str):  # (a missing role is an unknown role, below)
-        raise DataError(
-            f"{where}: field {fields.role!r} must be a string (one of {', '.join(ROLES)}), "
-            f"got {type(role).__name__} {str(role)[:40]}",
-            "bad_record",
-        )
-    role = fields.role_map.get(role, role)
-    if role not in ROLES:
-        raise DataError(
-            f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
-            "unknown_role",
-        )
-    return role
-
-
-def _check_tool_answer(msg: dict, where: str, previous: list[dict]) -> None:
-    """A tool message answers the closest assistant turn before it (past other tool messages), which must
-    call tools, and names one of its calls' ids when both carry ids."""
-    j = len(previous) - 1
-    while j >= 0 and previous[j]["role"] == "tool":
-        j -= 1
-    if j < 0 or previous[j]["role"] != "assistant" or not previous[j].get("tool_calls"):
-        raise DataError(f"{where}: tool message with no preceding tool call", "orphan_tool")
-    call_id = msg.get("tool_call_id")
-    ids = [c["id"] for c in previous[j]["tool_calls"] if "id" in c]
-    if isinstance(call_id, str) and ids and call_id not in ids:
-        raise DataError(
-            f"{where}: tool message answers unknown tool_call_id {call_id!r}",
-            "orphan_tool",
-        )
 
 
 # --------------------------------------------------------------------------------------------- renderers
@@ -267,67 +122,85 @@ class Qwen25Renderer:
         return segs
 
 
-@lru_cache(maxsize=8)
-def _compile_template(source: str):
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers tells a TRL-style template
 
-    def raise_exception(message):
-        raise TemplateError(message)
 
-    def strftime_now(fmt):
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
+def _render_jinja_template():
+    """transformers' renderer of chat templates (what ``apply_chat_template`` calls), or a one-line error."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:
+        raise DataError(
+            "rendering a chat template needs transformers >= 4.52 (render_jinja_template); upgrade it, or pass "
+            "--renderer qwen2.5",
+            "tokenizer",
+        ) from None
+    return render_jinja_template
 
 
 def _hf_messages(messages: list[dict]) -> list[dict]:
-    """Canonical messages in the Hugging Face form templates expect (tool calls under ``function``)."""
+    """Canonical messages in the OpenAI form templates expect (tool calls under ``function``, with their ids,
+    and a tool result's ``tool_call_id``: templates such as Mistral's render them)."""
     out = []
     for m in messages:
         hm = {"role": m["role"], "content": m["content"]}
         if m.get("tool_calls"):
             hm["tool_calls"] = [
-                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                {
+                    **({"id": c["id"]} if "id" in c else {}),
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
                 for c in m["tool_calls"]
             ]
+        if "tool_call_id" in m:
+            hm["tool_call_id"] = m["tool_call_id"]
         out.append(hm)
     return out
 
 
 class TemplateRenderer:
-    """A checkpoint's Jinja chat template, split into turns by rendering growing prefixes."""
+    """A checkpoint's Jinja chat template, rendered by transformers exactly as ``apply_chat_template`` renders it
+    (its sandbox, filters and ``{% generation %}`` tag; the tokenizer's named special tokens as variables).
+
+    Responses: a TRL-style template marks them itself with ``{% generation %}`` (the spans transformers'
+    ``return_assistant_tokens_mask`` uses); any other (Qwen2.5's has no such tags) is split into turns by
+    rendering growing prefixes of the conversation, each checked to be a prefix of the full rendering, the
+    assistant header being what ``add_generation_prompt`` adds.
+    """
 
     name = "template"
 
-    def __init__(self, template: str, special_tokens: dict | None = None):
+    def __init__(self, template: str, special_tokens: dict[str, str] | None = None):
         self.source = template
-        self.template = _compile_template(template)
-        self.extra = {"bos_token": "", "eos_token": "<|im_end|>", **(special_tokens or {})}
+        self.extra = dict(special_tokens or {})
+        self.generation = bool(GENERATION_TAG.search(template))
+        self._render = _render_jinja_template()
+        self._render(conversations=[], chat_template=template)  # compiles it: a syntax error surfaces here
+
+    def _apply(self, messages: list[dict], tools: list | None, **kwargs) -> tuple[str, list[tuple[int, int]]]:
+        """(rendering, generation spans) of one conversation; a failing template is a ``DataError``."""
+        try:
+            rendered, spans = self._render(
+                conversations=[_hf_messages(messages)],
+                tools=tools or None,
+                chat_template=self.source,
+                **kwargs,
+                **self.extra,
+            )
+        except Exception as e:  # jinja errors, raise_exception() in the template, transformers' checks
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise DataError(f"chat template failed: {msg}", "template") from None
+        return rendered[0], (spans[0] if spans else [])
 
     def full(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = False) -> str:
         if not messages:
             return ""
-        try:
-            return self.template.render(
-                messages=_hf_messages(messages),
-                tools=tools or None,
-                add_generation_prompt=add_generation_prompt,
-                **self.extra,
-            )
-        except DataError:
-            raise
-        except Exception as e:  # jinja errors, raise_exception() in the template
-            raise DataError(f"chat template failed: {e}", "template") from None
+        return self._apply(messages, tools, add_generation_prompt=add_generation_prompt)[0]
 
     def render(self, messages: list[dict], tools: list | None) -> list[Segment]:
+        if self.generation:
+            return self._render_tagged(messages, tools)
         full = self.full(messages, tools)
         segs: list[Segment] = []
         done = 0  # characters of `full` already assigned to segments (= rendering of the last stable prefix)
@@ -359,6 +232,23 @@ class TemplateRenderer:
             raise DataError("turn-by-turn rendering differs from the full rendering", "template")
         return segs
 
+    def _render_tagged(self, messages: list[dict], tools: list | None) -> list[Segment]:
+        """Segments of a TRL-style template's rendering: its generation spans are the responses."""
+        text, spans = self._apply(messages, tools, return_assistant_tokens_mask=True)
+        segs: list[Segment] = []
+        done = 0
+        for a, b in spans:
+            if not done <= a <= b <= len(text):
+                raise DataError(f"chat template's generation spans overlap or run past the text ({a}, {b})", "template")
+            if a > done:
+                segs.append(Segment(text[done:a], "context"))
+            if b > a:
+                segs.append(Segment(text[a:b], "response"))
+            done = b
+        if done < len(text):
+            segs.append(Segment(text[done:], "context"))
+        return segs
+
 
 # --------------------------------------------------------------------------------------------- encoder
 def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
@@ -368,12 +258,25 @@ def make_renderer(tokenizer: ChatTokenizer, renderer: RendererName = "auto"):
     if not tokenizer.chat_template:
         raise DataError(f"{tokenizer.folder}: no chat_template in this tokenizer folder", "tokenizer")
     try:
-        return TemplateRenderer(tokenizer.chat_template)
+        return TemplateRenderer(tokenizer.chat_template, tokenizer.special_tokens)
+    except DataError:
+        raise
     except Exception as e:  # a jinja2 TemplateSyntaxError: a corrupt or unsupported template
         where = tokenizer.chat_template_file or tokenizer.folder
         line = f" line {e.lineno}" if isinstance(getattr(e, "lineno", None), int) else ""
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{where}: the chat template does not compile ({msg}{line})", "tokenizer") from None
+
+
+def builtin_renderer_warning(tokenizer: ChatTokenizer) -> str:
+    """What ``renderer="auto"`` falls back to without a chat template: said once, before any work, since it
+    changes every record (a default system prompt appears in each conversation without one)."""
+    return (
+        f"{tokenizer.folder}: no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
+        "rendering with the built-in Qwen2.5 ChatML renderer, which gives every conversation without a system "
+        f"turn Qwen2.5's default system prompt ({QWEN25_DEFAULT_SYSTEM!r}); for another model give the folder its "
+        "chat template; --renderer qwen2.5 chooses this renderer (and silences this warning)"
+    )
 
 
 def unexpected_error(e: BaseException, location: str | None = None) -> DataError:
@@ -416,16 +319,16 @@ class ChatEncoder:
             if builtin or tokenizer.tokenizer.token_to_id(marker) is not None:
                 tokenizer.single_id(marker)
 
-    def render(self, record: dict) -> list[Segment]:
-        messages, tools = normalize_conversation(record, self.fields)
+    def render(self, record: dict, record_format: RecordFormat = "openai") -> list[Segment]:
+        messages, tools = normalize_conversation(record, self.fields, record_format)
         return self.renderer.render(messages, tools)
 
-    def encode(self, record: dict, location: str = "") -> Document:
-        """The record's :class:`Document`; every failure is a :class:`DataError` at ``location``: an
-        unexpected exception while encoding this one record too (reason ``unexpected``), so that it can be
-        skipped like any bad record and an error names where it happened."""
+    def encode(self, record: dict, location: str = "", record_format: RecordFormat = "openai") -> Document:
+        """The :class:`Document` of a record of ``record_format``; every failure is a :class:`DataError` at
+        ``location``: an unexpected exception while encoding this one record too (reason ``unexpected``), so
+        that it can be skipped like any bad record and an error names where it happened."""
         try:
-            return self._encode(record, location)
+            return self._encode(record, location, record_format)
         except DataError as e:
             raise e.at(location) from None
         except MemoryError:
@@ -433,8 +336,8 @@ class ChatEncoder:
         except Exception as e:
             raise unexpected_error(e, location) from e
 
-    def _encode(self, record: dict, location: str) -> Document:
-        segs = self.render(record)
+    def _encode(self, record: dict, location: str, record_format: RecordFormat) -> Document:
+        segs = self.render(record, record_format)
         text = "".join(s.text for s in segs)
         enc, known_overlong = None, False
         if self.max_length is not None:
@@ -449,8 +352,8 @@ class ChatEncoder:
                 segs, text, enc = self._truncation_prefix(segs, text)
                 known_overlong = True
         if enc is None:
-            enc = self.tokenizer.encode_text(text)
-        ids = np.asarray(enc.ids, dtype=np.int32)
+            enc = self.tokenizer.tokenize(text)
+        ids = enc.ids
         spans = []  # character spans of the response segments
         pos = 0
         for s in segs:
@@ -516,29 +419,26 @@ class ChatEncoder:
             if not self.tokenizer.splits_before(text, ends[k]) or (ends[k] < target and not last):
                 continue
             prefix = text[: ends[k]]
-            enc = self.tokenizer.encode_text(prefix)
+            enc = self.tokenizer.tokenize(prefix)
             if last or len(enc.ids) > self.max_length:
                 return segs[: k + 1], prefix, enc
             target = 2 * ends[k]
         raise AssertionError("unreachable: the end of the text is always a split point")
 
 
-def _response_token_ranges(enc, spans: list[tuple[int, int]], text_len: int):
-    """Token ranges ``[first, end)`` of character spans: every token overlapping a span belongs to it.
+def _response_token_ranges(tokens: ByteTokens | OffsetTokens, spans: list[tuple[int, int]], text_len: int):
+    """Token ranges ``[first, end)`` of character spans: every token overlapping a span belongs to it (as
+    transformers' ``return_assistant_tokens_mask`` has it: the tokens holding the span's first and last character,
+    and those between).
 
     ``aligned[k]``: the span ends exactly at a token boundary (a safe truncation point).
     """
-    first = np.empty(len(spans), dtype=np.int64)
-    end = np.empty(len(spans), dtype=np.int64)
-    aligned = np.empty(len(spans), dtype=bool)
-    for k, (a, b) in enumerate(spans):
-        ta, tb = enc.char_to_token(a), enc.char_to_token(b - 1)
-        tnext = enc.char_to_token(b) if b < text_len else None
-        if ta is None or tb is None or (b < text_len and tnext is None):
-            return _response_token_ranges_from_offsets(enc, spans, text_len)
-        first[k], end[k] = ta, tb + 1
-        aligned[k] = b >= text_len or tnext != tb
-    return first, end, aligned
+    at = tokens.first_tokens([c for a, b in spans for c in (a, b - 1, b)]).reshape(-1, 3)
+    ta, tb, tnext = at[:, 0], at[:, 1], at[:, 2]
+    inside = np.array([b < text_len for _, b in spans])
+    if (ta < 0).any() or (tb < 0).any() or (inside & (tnext < 0)).any():  # characters no token holds
+        return _response_token_ranges_from_offsets(tokens.encoding, spans, text_len)
+    return ta, tb + 1, ~inside | (tnext != tb)
 
 
 def _response_token_ranges_from_offsets(enc, spans, text_len):

@@ -34,12 +34,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .chat import Document
-from .packed_input import PackedInput
+from .indexed import IndexedWriter
 from .packing import round_up
+
+if TYPE_CHECKING:
+    from .packed_input import PackedInput
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -62,47 +66,48 @@ def dataset_files(prefix: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- writing
 class DocumentStore:
-    """Documents (tokens + loss mask) appended to a pair of indexed datasets, one sequence each."""
+    """Documents (tokens + loss mask) appended to two flat files, for staging: :meth:`documents` reads them
+    back by position (memory-mapped) once :meth:`finalize` has closed them."""
 
     def __init__(self, prefix: str):
-        ix = _indexed()
         self.prefix = prefix
-        self.tokens = ix.IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-        self.loss = ix.IndexedDatasetBuilder(prefix + LOSS_SUFFIX + ".bin", dtype=np.uint8)
+        self.tokens = open(prefix + ".bin", "wb")
+        self.loss = open(prefix + LOSS_SUFFIX + ".bin", "wb")
         self.lengths: list[int] = []
 
     def add(self, doc: Document) -> None:
-        self.tokens.add_document(doc.input_ids, [len(doc)])
-        self.loss.add_document(doc.loss_mask, [len(doc)])
+        self.tokens.write(np.asarray(doc.input_ids, dtype=np.int32).tobytes())
+        self.loss.write(np.asarray(doc.loss_mask, dtype=np.uint8).tobytes())
         self.lengths.append(len(doc))
 
     def finalize(self) -> None:
-        self.tokens.finalize(self.prefix + ".idx")
-        self.loss.finalize(self.prefix + LOSS_SUFFIX + ".idx")
+        self.tokens.close()
+        self.loss.close()
 
     def close(self) -> None:
-        """Close the data files (after a failure; ``finalize`` closes them otherwise)."""
-        _close_builders(self.tokens, self.loss)
+        """Close the data files (after a failure; ``finalize`` closes them otherwise), ignoring a failing last
+        flush (e.g. on a full disk): a file left to the garbage collector would print that error again."""
+        for f in (self.tokens, self.loss):
+            if not f.closed:
+                with contextlib.suppress(OSError):
+                    f.close()
+
+    def documents(self) -> _StagedDocuments:
+        return _StagedDocuments(self.prefix, self.lengths)
 
 
-def _close_builders(*builders) -> None:
-    """Close the builders' open data files, ignoring a failing last flush (e.g. on a full disk): a file left
-    to the garbage collector would print that error again, as an 'Exception ignored' traceback."""
-    for b in builders:
-        f = getattr(b, "data_file", None)
-        if f is not None and not f.closed:
-            with contextlib.suppress(OSError):
-                f.close()
+class _StagedDocuments:
+    """``docs[i]`` = (input_ids, loss_mask) of the ``i``-th staged document (at least one), views of the
+    memory-mapped files."""
 
-
-class _DocumentReader:
-    def __init__(self, prefix: str):
-        ix = _indexed()
-        self.tokens = ix.IndexedDataset(prefix, mmap=True)
-        self.loss = ix.IndexedDataset(prefix + LOSS_SUFFIX, mmap=True)
+    def __init__(self, prefix: str, lengths: list[int]):
+        self.starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        self.tokens = np.memmap(prefix + ".bin", dtype=np.int32, mode="r")
+        self.loss = np.memmap(prefix + LOSS_SUFFIX + ".bin", dtype=np.uint8, mode="r")
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.tokens[int(i)], self.loss[int(i)]
+        a, b = int(self.starts[i]), int(self.starts[i + 1])
+        return self.tokens[a:b], self.loss[a:b]
 
 
 def write_packs(prefix: str, docs, bins: list[list[int]], meta: dict) -> None:
@@ -112,15 +117,14 @@ def write_packs(prefix: str, docs, bins: list[list[int]], meta: dict) -> None:
     temporary folder beside the output and moved into place at the end (the metadata last), so a failure
     leaves nothing behind under ``prefix``.
     """
-    ix = _indexed()
     out_dir = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(prefix)}.tmp-", dir=out_dir)
     tok_b = loss_b = None
     try:
         tprefix = os.path.join(tmp, "out")
-        tok_b = ix.IndexedDatasetBuilder(tprefix + ".bin", dtype=np.int32)
-        loss_b = ix.IndexedDatasetBuilder(tprefix + LOSS_SUFFIX + ".bin", dtype=np.uint8)
+        tok_b = IndexedWriter(tprefix + ".bin", np.int32)
+        loss_b = IndexedWriter(tprefix + LOSS_SUFFIX + ".bin", np.uint8)
         real = 0
         for b in bins:
             items = [docs[i] for i in b]
@@ -144,7 +148,9 @@ def write_packs(prefix: str, docs, bins: list[list[int]], meta: dict) -> None:
         for src, dst in zip(dataset_files(tprefix), dataset_files(prefix)):
             os.replace(src, dst)
     finally:
-        _close_builders(tok_b, loss_b)
+        for writer in (tok_b, loss_b):
+            if writer is not None:
+                writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -221,6 +227,8 @@ def _micro_batch(
 ) -> PackedInput:
     """``packs`` (each as :meth:`PackedDataset.pack` gives it) as one micro-batch; ``ids``: each pack's id (the
     first half of its documents' keys, which seed their fast weights)."""
+    from .packed_input import PackedInput  # (torch: imported where a micro-batch is built, not to write data)
+
     tokens, losses, lengths = zip(*packs) if packs else ((), (), ())
     return PackedInput.from_packs(list(tokens), list(losses), list(lengths), ids, pad_to=pad_to, pad_id=pad_id)
 

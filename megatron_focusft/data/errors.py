@@ -10,7 +10,8 @@ class DataError(ValueError):
     ``reason`` is a stable key (``malformed_json``, ``unknown_role``, ``empty_assistant``, ``orphan_tool``,
     ``no_response``, ``too_long``, ``bad_record``, ``bad_encoding``, ``template``, ``tokenizer``, ``bad_file``,
     ``unexpected``) used to count skips; a whole run's failures also use ``empty`` (every record skipped),
-    ``exists`` (a dataset already at the output prefix) and ``write_failed`` (the output cannot be written).
+    ``exists`` (a dataset already at the output prefix), ``write_failed`` (the output cannot be written),
+    and ``worker_died`` (a preprocessing worker process ended without a result).
     """
 
     def __init__(self, message: str, reason: str = "bad_record", location: str | None = None):

@@ -7,6 +7,7 @@ documents in a temporary indexed dataset -> best-fit-decreasing on the lengths -
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import multiprocessing as mp
@@ -15,16 +16,19 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .chat import ChatEncoder, Document, unexpected_error
-from .dataset import DocumentStore, _DocumentReader, dataset_files, write_packs
+from .chat import ChatEncoder, Document, Qwen25Renderer, builtin_renderer_warning, unexpected_error
+from .dataset import DocumentStore, dataset_files, write_packs
 from .errors import DataError
+from .formats import FORMATS, FieldNames, RecordFormat, detect_format
 from .packing import best_fit_decreasing, packing_efficiency
-from .reading import FieldNames, RawRecord, check_inputs, count_records, iter_records, parse_record
-from .tokenizer import load_tokenizer
+from .reading import RawRecord, check_inputs, count_records, iter_file_records, parse_record
+from .tokenizer import added_token_warning, load_tokenizer
 
 MAX_REPORTED_ERRORS = 20
 
@@ -40,8 +44,10 @@ class PreprocessConfig:
     overlong: str = "drop"  # drop | truncate | error
     loss_on: str = "all"  # all | last
     renderer: str = "auto"  # auto | template | qwen2.5
-    added_tokens: str = "file"  # file | qwen2.5
+    added_tokens: str | None = None  # file | qwen2.5; None: file, with a warning where it may not fit the model
+    model_vocab_size: int | None = None  # tokens of the model's own tokenizer, when known (for that warning)
     fields: FieldNames = field(default_factory=FieldNames)
+    record_format: str = "auto"  # auto (per input, from its first records) | openai | sharegpt | swift | alpaca
     progress: bool = True
     chunk_size: int = 32
     overwrite: bool = True  # False: refuse (DataError reason "exists") when a dataset is already at ``out``
@@ -64,6 +70,8 @@ class Stats:
     seconds: float = 0.0  # reading, tokenizing and packing (not the final write of the packs)
     tokens_per_second: float = 0.0
     workers: int = 1
+    formats: dict = field(default_factory=dict)  # input -> record format (and "(detected)" when it was)
+    warnings: list = field(default_factory=list)  # said once before the run (see start_warnings)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +80,7 @@ class Stats:
 def format_summary(s: Stats) -> str:
     skipped = sum(s.skipped.values())
     lines = [
+        *(f"format                 {fmt}  {path}" for path, fmt in s.formats.items()),
         f"conversations read     {s.conversations_read}",
         f"conversations emitted  {s.conversations_emitted} ({s.truncated} truncated)",
         f"conversations skipped  {skipped}"
@@ -81,6 +90,11 @@ def format_summary(s: Stats) -> str:
         f"packing efficiency     {100 * s.packing_efficiency:.2f}% (real tokens / all tokens)",
         f"time                   {s.seconds:.1f} s "
         f"({s.tokens_per_second / max(1, s.workers):,.0f} tokens/s per worker)",
+        *(
+            [f"warnings               {len(s.warnings)} (printed before the run; in the stats too)"]
+            if s.warnings
+            else []
+        ),
     ]
     return "\n".join(lines)
 
@@ -90,7 +104,7 @@ _ENCODER: ChatEncoder | None = None
 
 
 def _make_encoder(cfg: PreprocessConfig) -> ChatEncoder:
-    tok = load_tokenizer(cfg.tokenizer, added_tokens=cfg.added_tokens)
+    tok = load_tokenizer(cfg.tokenizer, added_tokens=cfg.added_tokens or "file")
     return ChatEncoder(
         tok,
         renderer=cfg.renderer,
@@ -106,15 +120,15 @@ def _init_worker(cfg: PreprocessConfig) -> None:
     _ENCODER = _make_encoder(cfg)
 
 
-def encode_records(records: list[RawRecord], encoder: ChatEncoder | None = None):
-    """[(location, Document | DataError)] for a chunk of raw records (run in a worker)."""
+def encode_records(records: list[tuple[RecordFormat, RawRecord]], encoder: ChatEncoder | None = None):
+    """[(location, Document | DataError)] for a chunk of (record format, raw record) (run in a worker)."""
     enc = encoder or _ENCODER
     out = []
-    for rec in records:
+    for record_format, rec in records:
         try:
             record = parse_record(rec)
             rec.raw = None  # the line as read is not needed any more (a huge one is one copy fewer in memory)
-            out.append((rec.location, enc.encode(record, rec.location)))
+            out.append((rec.location, enc.encode(record, rec.location, record_format)))
             del record
         except DataError as e:
             out.append((rec.location, e.at(rec.location)))
@@ -138,13 +152,18 @@ def _chunks(it, n):
 
 # --------------------------------------------------------------------------------------------- driver
 def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
-    """Run the whole preprocessing; raises :class:`DataError` under ``on_error="fail"`` (nothing written)."""
+    """Run the whole preprocessing; raises :class:`DataError` under ``on_error="fail"`` (nothing written).
+    ``log`` gets the warnings (:func:`start_warnings`), once, before the records are read."""
     if cfg.on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be skip or fail, got {cfg.on_error!r}")
     t0 = time.perf_counter()
     check_inputs(cfg.inputs)  # every input, before anything is loaded, read or written
     check_output(cfg.out, cfg.overwrite)
+    formats = input_formats(cfg)
     encoder = _make_encoder(cfg)  # fails early on a bad tokenizer folder / options
+    warnings = start_warnings(cfg, encoder)
+    for message in warnings:
+        log(f"warning: {message}")
     out_dir = os.path.dirname(os.path.abspath(cfg.out))
     with _writing(out_dir):  # fails early, before the inputs are read, on a folder that cannot be written
         os.makedirs(out_dir, exist_ok=True)
@@ -152,10 +171,11 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
     stage = None
     try:
         total = count_records(cfg.inputs)
-        stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers)
+        stats = Stats(pack_length=cfg.pack_length, workers=cfg.workers, warnings=warnings)
+        stats.formats = {path: fmt + (" (detected)" if cfg.record_format == "auto" else "") for path, fmt in formats}
         with _writing(out_dir):
             stage = DocumentStore(os.path.join(stage_dir, "docs"))
-            with _encoded_chunks(cfg, encoder) as results:
+            with _encoded_chunks(cfg, encoder, formats) as results:
                 _stage_documents(results, stage, stats, cfg, total, t0)
                 stage.finalize()
         if stats.conversations_emitted == 0:
@@ -164,19 +184,40 @@ def preprocess(cfg: PreprocessConfig, log=print) -> Stats:
         stats.packs = len(bins)
         stats.packing_efficiency = packing_efficiency(stats.tokens, len(bins), cfg.pack_length)
         stats.response_fraction = stats.response_tokens / max(1, stats.tokens)
-        meta = _pack_metadata(cfg, encoder)
+        meta = _pack_metadata(cfg, encoder, formats)
         # The timing goes into OUT.json, so it is taken before the packs are written (that last copy is
         # not counted); the returned stats (--stats-json, the summary) are the very same numbers.
         stats.seconds = time.perf_counter() - t0
         stats.tokens_per_second = stats.tokens / max(1e-9, stats.seconds)
         with _writing(out_dir):
-            docs = _DocumentReader(os.path.join(stage_dir, "docs"))
-            write_packs(cfg.out, docs, bins, {**meta, "stats": stats.to_dict()})
+            write_packs(cfg.out, stage.documents(), bins, {**meta, "stats": stats.to_dict()})
         return stats
     finally:
         if stage is not None:
             stage.close()
         shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def start_warnings(cfg: PreprocessConfig, encoder: ChatEncoder) -> list[str]:
+    """What the run does that the user may not expect, said once (not per worker or record): the built-in
+    renderer standing in for a missing chat template, and added tokens the model may not have."""
+    out = []
+    if cfg.renderer == "auto" and isinstance(encoder.renderer, Qwen25Renderer):
+        out.append(builtin_renderer_warning(encoder.tokenizer))
+    if cfg.added_tokens is None or cfg.model_vocab_size is not None:
+        message = added_token_warning(encoder.tokenizer, cfg.model_vocab_size)
+        out += [message] if message else []
+    return out
+
+
+def input_formats(cfg: PreprocessConfig) -> list[tuple[str, RecordFormat]]:
+    """(input, record format) for every input: ``cfg.record_format``, or under ``auto`` each input's own
+    (:func:`~megatron_focusft.data.formats.detect_format`; a layout it cannot tell is a ``bad_file`` error)."""
+    if cfg.record_format == "auto":
+        return [(path, detect_format(path, cfg.fields)) for path in cfg.inputs]
+    if cfg.record_format not in FORMATS:
+        raise ValueError(f"record_format must be auto or one of {', '.join(FORMATS)}, got {cfg.record_format!r}")
+    return [(path, cfg.record_format) for path in cfg.inputs]
 
 
 def check_output(prefix: str, overwrite: bool) -> None:
@@ -217,23 +258,49 @@ def _writing(folder: str):
 
 
 @contextlib.contextmanager
-def _encoded_chunks(cfg: PreprocessConfig, encoder: ChatEncoder):
-    """The input records encoded chunk by chunk, in order: by ``cfg.workers`` processes, or here with
-    ``encoder``.  The pool is closed after a complete run and terminated on an error."""
-    chunks = _chunks(iter_records(cfg.inputs), cfg.chunk_size)
+def _encoded_chunks(cfg: PreprocessConfig, encoder: ChatEncoder, formats: list[tuple[str, RecordFormat]]):
+    """The records of every (input, record format) encoded chunk by chunk, in order: by ``cfg.workers``
+    processes, or here with ``encoder``."""
+    records = ((fmt, rec) for path, fmt in formats for rec in iter_file_records(path))
+    chunks = _chunks(records, cfg.chunk_size)
     if cfg.workers <= 1:
         yield (encode_records(c, encoder) for c in chunks)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    pool = mp.get_context("fork").Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+    # forkserver, not fork: the caller may hold threads (torch's, a tokenizer's, a test runner's) whose locks a
+    # forked child inherits held.  An executor, not multiprocessing.Pool: a worker that dies (killed, out of
+    # memory) or whose set-up fails is an error here, where a Pool waits for its lost chunk forever.
+    with ProcessPoolExecutor(
+        cfg.workers, mp_context=mp.get_context("forkserver"), initializer=_init_worker, initargs=(cfg,)
+    ) as pool:
+        try:
+            yield _in_order(pool, encode_records, chunks, window=4 * cfg.workers)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _in_order(pool: ProcessPoolExecutor, fn, chunks, window: int):
+    """``fn`` (``encode_records``) of every chunk by ``pool``, in order, with at most ``window`` chunks in flight (so
+    the input is read as it is encoded, never all at once)."""
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.submit(fn, chunk))
+        if len(pending) >= window:
+            yield _result(pending.popleft())
+    while pending:
+        yield _result(pending.popleft())
+
+
+def _result(future):
     try:
-        yield pool.imap(encode_records, chunks)
-    except BaseException:
-        pool.terminate()
-        pool.join()
-        raise
-    pool.close()
-    pool.join()
+        return future.result()
+    except BrokenProcessPool:
+        raise DataError(
+            "a preprocessing worker died (killed, out of memory, or its tokenizer failed to load); "
+            "rerun with --workers 1 to see the error in this process",
+            "worker_died",
+        ) from None
 
 
 def _stage_documents(results, stage: DocumentStore, stats: Stats, cfg: PreprocessConfig, total: int, t0: float):
@@ -284,18 +351,19 @@ def _nothing_left(stats: Stats) -> str:
     return f"no conversation left to write: all {stats.conversations_read} were skipped ({reasons})"
 
 
-def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder) -> dict:
+def _pack_metadata(cfg: PreprocessConfig, encoder: ChatEncoder, formats: list[tuple[str, RecordFormat]]) -> dict:
     """What OUT.json records of how the packs were made (the stats are added to it)."""
     return {
         "pack_length": cfg.pack_length,
         "pad_id": encoder.tokenizer.pad_id,
         "vocab_size": encoder.tokenizer.vocab_size,
         "tokenizer": os.path.abspath(cfg.tokenizer),
-        "added_tokens": cfg.added_tokens,
+        "added_tokens": cfg.added_tokens or "file",
         "renderer": encoder.renderer.name,
         "loss_on": cfg.loss_on,
         "overlong": cfg.overlong,
         "inputs": [os.path.abspath(p) for p in cfg.inputs],
+        "formats": [fmt for _, fmt in formats],
     }
 
 

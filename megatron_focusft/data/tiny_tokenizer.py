@@ -26,7 +26,8 @@ from collections.abc import Iterable, Iterator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from . import synthetic
-from .chat import Qwen25Renderer, normalize_conversation
+from .chat import Qwen25Renderer
+from .formats import normalize_conversation
 from .tokenizer import QWEN2_PATTERN, QWEN25_ADDED_TOKENS
 
 DEFAULT_VOCAB_SIZE = 1000  # the tiny model preset's vocabulary, added tokens included

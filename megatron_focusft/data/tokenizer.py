@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from .errors import DataError
@@ -82,6 +83,51 @@ def utf8_length(text: str, start: int = 0, end: int | None = None) -> int:
     )
 
 
+class OffsetTokens:
+    """A text's token ids, from a ``tokenizers.Encoding``: the token holding a character comes from its offsets."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.ids = np.asarray(encoding.ids, dtype=np.int32)
+
+    def first_tokens(self, chars: list[int]) -> np.ndarray:
+        """For each character position, the token holding it (-1: none, or past the end)."""
+        at = (self.encoding.char_to_token(c) for c in chars)
+        return np.fromiter((-1 if t is None else t for t in at), dtype=np.int64, count=len(chars))
+
+
+class ByteTokens:
+    """A text's token ids with the end of each in the text's UTF-8 bytes (a byte-level BPE's tokens stand for fixed
+    bytes): the token holding a character is the one holding its first byte, which is what ``char_to_token``
+    gives (a character split across tokens belongs to the first)."""
+
+    def __init__(self, text: str, ids: np.ndarray, ends: np.ndarray):
+        self.text, self.ids, self.ends = text, ids, ends
+
+    def first_tokens(self, chars: list[int]) -> np.ndarray:
+        """For each character position (non-decreasing), the token holding it (-1: past the end)."""
+        if self.text.isascii():
+            starts = np.asarray(chars, dtype=np.int64)
+        else:
+            starts, nbytes, prev = np.empty(len(chars), dtype=np.int64), 0, 0
+            for k, c in enumerate(chars):
+                nbytes += utf8_length(self.text, prev, c)
+                starts[k], prev = nbytes, c
+        tokens = np.searchsorted(self.ends, starts, side="right")
+        return np.where(np.asarray(chars) < len(self.text), tokens, -1)
+
+
+# Pre-tokenizers that only cut the text (every character stays, in order), so a byte-level BPE's tokens stand for
+# fixed bytes of the input; Split and Punctuation only while they keep what they match.
+_CUTTING = {"Split", "Digits", "Punctuation", "ByteLevel", "Sequence"}
+
+
+def _only_cuts(state: dict) -> bool:
+    if state.get("type") not in _CUTTING or state.get("behavior") == "Removed" or state.get("add_prefix_space"):
+        return False
+    return all(_only_cuts(p) for p in state.get("pretokenizers") or [] if isinstance(p, dict))
+
+
 def _has_byte_level(state: dict) -> bool:
     if state.get("type") == "ByteLevel":
         return True
@@ -97,6 +143,47 @@ class ChatTokenizer:
     folder: str
     added_tokens: str
     chat_template_file: str | None = None  # where chat_template comes from (for error messages)
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ...: template variables
+
+    def tokenize(self, text: str) -> ByteTokens | OffsetTokens:
+        """The ids of :meth:`encode_text`, and which token holds each character.
+
+        Where each token id stands for fixed bytes of the input (:attr:`_byte_lengths`) and normalising ``text``
+        changes nothing, the ids come from ``encode_batch_fast``, which skips the offsets (a quarter of the time
+        of tokenising), and the token ends from the ids' byte lengths, checked to add up to the text's bytes.
+        """
+        lengths, tk = self._byte_lengths, self.tokenizer
+        norm = tk.normalizer
+        if lengths is None or not (norm is None or unicodedata.is_normalized("NFC", text)):
+            return OffsetTokens(self.encode_text(text))
+        tk.normalizer = None
+        try:
+            ids = np.asarray(tk.encode_batch_fast([text], add_special_tokens=False)[0].ids, dtype=np.int32)
+        finally:
+            tk.normalizer = norm
+        ends = np.cumsum(lengths[ids])
+        if (int(ends[-1]) if len(ends) else 0) != utf8_length(text):  # (the premise failed: use the offsets)
+            return OffsetTokens(self.encode_text(text))
+        return ByteTokens(text, ids, ends)
+
+    @cached_property
+    def _byte_lengths(self) -> np.ndarray | None:
+        """The input bytes each token id stands for, where that is fixed, else None: a byte-level BPE as
+        :attr:`max_token_bytes` requires (each character of a vocabulary entry is one byte; an added token is its
+        UTF-8 text) whose pre-tokenizer only cuts the text, and a ``tokenizers`` with ``encode_batch_fast``."""
+        tk = self.tokenizer
+        if self.max_token_bytes is None or not hasattr(tk, "encode_batch_fast"):
+            return None
+        if not _only_cuts(json.loads(tk.pre_tokenizer.__getstate__())):
+            return None
+        vocab = tk.get_vocab(with_added_tokens=False)
+        added = tk.get_added_tokens_decoder()
+        lengths = np.zeros(max([*vocab.values(), *added, -1]) + 1, dtype=np.int64)
+        for token, i in vocab.items():
+            lengths[i] = len(token)
+        for i, token in added.items():
+            lengths[i] = len(token.content.encode("utf-8"))
+        return lengths
 
     def encode_text(self, text: str):
         """``tokenizers.Encoding`` of ``text`` (no added BOS/EOS).
@@ -225,6 +312,39 @@ class ChatTokenizer:
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=False)
 
 
+def added_token_warning(tok: ChatTokenizer, model_vocab_size: int | None = None) -> str | None:
+    """Why this tokenizer may not tokenise as the model expects, from what can be known here, or None.
+
+    Nothing here knows the model (only its tokenizer folder), so: with ``model_vocab_size`` (the number of
+    tokens of the model's own tokenizer, e.g. 151,665 for Qwen2.5), the tokens at or past it, which the model
+    never learned; without it, added tokens after Qwen2.5's 22 in a Qwen2-family tokenizer (Qwen3-era files add
+    ``<tool_response>``, ``<think>``, ...): strings a Qwen2.5 model reads as several tokens become one new one.
+    """
+    added = sorted((i, t.content) for i, t in tok.tokenizer.get_added_tokens_decoder().items())
+    size = tok.vocab_size
+    if model_vocab_size is not None:
+        if size <= model_vocab_size:
+            return None
+        beyond = [f"{i} {c!r}" for i, c in added if i >= model_vocab_size]
+        return (
+            f"{tok.folder}: the tokenizer has {size} tokens, the model {model_vocab_size} (--model-vocab-size): "
+            f"ids from {model_vocab_size} on ({', '.join(beyond[:8]) or 'base vocabulary'}) are tokens the model "
+            "never learned; pass the model's own tokenizer (Qwen2.5 with Qwen3-era files: --added-tokens qwen2.5)"
+        )
+    later = _keep_qwen25([{"id": i, "content": c} for i, c in added])
+    if len(later) < len(QWEN25_ADDED_TOKENS):  # not a Qwen2-family tokenizer: nothing to compare with
+        return None
+    extra = [f"{i} {c!r}" for i, c in added if i >= QWEN25_FIRST_ADDED_ID + len(QWEN25_ADDED_TOKENS)]
+    if not extra:
+        return None
+    return (
+        f"{tok.folder}: the tokenizer adds {len(extra)} tokens after Qwen2.5's 22 ({', '.join(extra[:8])}): each is "
+        "one token here, where Qwen2.5's own tokenizer spells it in several (e.g. '<tool_response>' as 4), so a "
+        "Qwen2.5 model never learned them; for a Qwen2.5 model pass --added-tokens qwen2.5, for a model whose "
+        "tokenizer has them (Qwen3) --added-tokens file or --model-vocab-size"
+    )
+
+
 def _first_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message as one short line (library messages can be long or span lines)."""
     lines = str(e).strip().splitlines()
@@ -284,6 +404,23 @@ def _chat_template_and_file(folder: str) -> tuple[str | None, str | None]:
     if tpl is not None and not isinstance(tpl, str):
         raise DataError(f"{cfg_path}: chat_template must be a string, got {type(tpl).__name__}", reason="tokenizer")
     return (tpl or None), (cfg_path if tpl else None)
+
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _special_tokens(folder: str) -> dict[str, str]:
+    """The named special tokens ``tokenizer_config.json`` declares (a string, or an ``AddedToken`` object's
+    ``content``): the variables ``apply_chat_template`` gives a chat template besides the messages."""
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    out = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        value = cfg.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[name] = value
+    return out
 
 
 def _keep_qwen25(added: list[dict]) -> list[dict]:
@@ -372,4 +509,4 @@ def load_tokenizer(folder: str, added_tokens: AddedTokens = "file") -> ChatToken
     tok.no_padding()
     tok.no_truncation()
     template, template_file = _chat_template_and_file(folder)
-    return ChatTokenizer(tok, template, folder, added_tokens, template_file)
+    return ChatTokenizer(tok, template, folder, added_tokens, template_file, _special_tokens(folder))
