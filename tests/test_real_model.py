@@ -118,7 +118,7 @@ def test_attention_analysis_equals_transformers_eager_and_finds_the_sink(real_hf
     np.testing.assert_allclose(stats.category, want, atol=1e-5, rtol=0)
     sink = stats.category[:, CATEGORIES.index("sink")]
     # A real sink: a 135M model puts ~30% of its response queries' attention on the first positions (the paper
-    # finds 30.1% on Qwen2.5-7B); a random model spreads it (~1% on 5 of ~450 keys).
+    # finds 30.1% on Qwen2.5-7B); attention spread evenly would put ~1% there (5 of ~450 keys).
     assert sink[2:].mean() > 0.15, sink
 
 

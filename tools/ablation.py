@@ -3,7 +3,7 @@
 context, causal bilevel, FocuSFT, trained from SmolLM2-135M-Instruct on the same seeded BABILong-style data
 with the same budget.
 
-    python tools/ablation.py --out runs/ablation                    # 2-core CPU: about 50 minutes
+    python tools/ablation.py --out runs/ablation                    # 2-core CPU: about 47 minutes
     python tools/ablation.py --out runs/ablation-gpu --device cuda  # the larger GPU budget
 
 Per arm: held-out accuracy (tools/evaluate.py: BABILong-style tasks of another seed than the training data)
@@ -62,9 +62,9 @@ class Budget:
     attention_samples: int
 
 
-# CPU (2 cores, measured): an SFT step on 2 packs of 768 tokens takes ~18 s on SmolLM2-135M, a FocuSFT step ~1.3x
-# that, so 25 steps per arm (100 conversations, each seen once) train all four arms in ~37 minutes; 25 held-out
-# questions per task decode in ~1.5 minutes per model.  About 50 minutes in all.
+# CPU (2 cores; measured 2026-12-01, BENCHMARKS.md): a standard SFT step on 2 packs of 768 tokens takes 15 s on
+# SmolLM2-135M, a FocuSFT step 27 s; 25 steps per arm (100 conversations, each seen once) and 25 held-out questions
+# per task (one decoding pass ~1.5 minutes per model): the whole study took 47 minutes.
 CPU_BUDGET = Budget("babilong_qa1,babilong_qa2", 384, 100, 768, 2, 25, 5e-5, 0.1, 25, 8)
 GPU_BUDGET = Budget("babilong_qa1,babilong_qa2,babilong_qa3", 4096, 4000, 8192, 32, 250, 2e-5, 0.1, 100, 16)
 
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (base / "checksums.json").exists():
         step("converting the model to Megatron-Core")
         _run(
-            _tool("convert_hf_to_megatron.py", "--hf-dir", hf, "--out", base, "--no-progress"),
+            _tool("convert_hf_to_megatron.py", "--hf-dir", hf, "--out", base, "--dtype", "fp32", "--no-progress"),
             out / "base" / "convert.log",
         )
     data = out / "data"
