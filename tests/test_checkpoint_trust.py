@@ -221,6 +221,27 @@ def test_storage_items_outside_the_folder_are_refused(files, tmp_path, megatron_
         load_checkpoint_model(ckpt, DenseAttention)
 
 
+def test_metadata_json_of_every_megatron_version_is_read_and_other_backends_refused(files, tmp_path):
+    import json
+
+    from megatron_focusft.convert.trust import CheckpointError, screen_dist_checkpoint
+
+    model = _copy(files[0], tmp_path / "ckpt") / "model"
+    for backends, refused in [
+        ({"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch"}, False),
+        ({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, False),  # megatron-core 0.19
+        ({"sharded_backend": "zarr", "common_backend": "torch"}, True),
+        ({"sharded_backend": "torch_dist", "common_backend": "zarr"}, True),
+        (["torch_dist", "torch"], True),
+    ]:
+        (model / "metadata.json").write_text(json.dumps(backends))
+        if refused:
+            with pytest.raises(CheckpointError, match=r"metadata.json: refused: backends"):
+                screen_dist_checkpoint(model)
+        else:
+            screen_dist_checkpoint(model)
+
+
 def test_checkpoints_written_before_these_checks_still_load(files, saved, tmp_path, capfd):
     """A genuine checkpoint without checksums.json, with the RNG state of older versions (numpy's own tuple,
     read with only numpy's array globals allowed): resumes, with one warning about the missing checksums, and
@@ -321,7 +342,8 @@ def test_a_corrupted_checkpoint_at_load_stops_before_any_work_and_prunes_nothing
     """The report of issue 13: flipped bytes in the latest checkpoint trained on at exit 0, then the older good
     checkpoints were pruned (--keep-checkpoints).  Now: exit 2 before start-up, every checkpoint kept."""
     save = _copy(saved, tmp_path / "save", unsealed=())
-    shard = save / "iter_0000002" / "model" / "__0_1.distcp"
+    # (the largest shard: how many .distcp files a rank writes differs between megatron-core versions)
+    shard = max((save / "iter_0000002" / "model").glob("*.distcp"), key=lambda p: p.stat().st_size)
     _flip(shard)
     argv = _resume_argv(files, save, tmp_path, "--keep-checkpoints", "1")
     assert runtime.launch_cpu_processes(loop.main, 1, args=(argv,)) == 2

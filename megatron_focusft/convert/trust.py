@@ -186,11 +186,11 @@ def read_metadata(path: Path) -> Any:
 def screen_dist_checkpoint(folder: Path) -> Any:
     """Check a Megatron ``torch_dist`` checkpoint folder before Megatron or torch read it; its ``Metadata``.
 
-    ``metadata.json`` must name the ``torch_dist``/``torch`` backends; ``.metadata`` is read by
-    :class:`MetadataUnpickler`; every item must lie in a plain file of the folder (no ``..``, no storage
-    transforms); ``common.pt`` and every byte item (which torch's loader unpickles with ``weights_only=False``)
-    must load with ``weights_only=True``, and a layer's ``_extra_state`` must be empty (no FP8 metadata, which
-    TransformerEngine would unpickle)."""
+    ``metadata.json`` must name the ``torch_dist`` backend (and ``torch`` for the common state where it names
+    one); ``.metadata`` is read by :class:`MetadataUnpickler`; every item must lie in a plain file of the
+    folder (no ``..``, no storage transforms); ``common.pt`` and every byte item (which torch's loader
+    unpickles with ``weights_only=False``) must load with ``weights_only=True``, and a layer's
+    ``_extra_state`` must be empty (no FP8 metadata, which TransformerEngine would unpickle)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     folder = Path(folder)
@@ -200,7 +200,8 @@ def screen_dist_checkpoint(folder: Path) -> Any:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{backends}: unreadable ({e}); is {folder} a Megatron checkpoint?") from None
     found = (config.get("sharded_backend"), config.get("common_backend")) if isinstance(config, dict) else config
-    if found != ("torch_dist", "torch"):
+    # megatron-core up to 0.16 writes common_backend "torch"; later versions drop the field (common.pt, checked below)
+    if not isinstance(found, tuple) or found[0] != "torch_dist" or found[1] not in ("torch", None):
         raise CheckpointError(
             f"{backends}: refused: backends {found}, where this project reads only Megatron's torch_dist format"
         )
