@@ -90,7 +90,7 @@ def test_evaluate_tool_megatron_and_hf_agree(work):
         "--tasks",
         "babilong_qa1,ruler_vt",
         "--lengths",
-        "1k",
+        "512",
         "--samples",
         "2",
         "--max-new-tokens",
@@ -101,10 +101,10 @@ def test_evaluate_tool_megatron_and_hf_agree(work):
     assert tool.main(["--ckpt", str(work / "megatron"), "--json", str(a), "--markdown", str(md)] + common) == 0
     assert tool.main(["--hf-dir", str(work / "export"), "--json", str(b)] + common) == 0
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
-    assert set(ra["accuracy"]) == {"babilong_qa1", "ruler_vt"} and set(ra["accuracy"]["ruler_vt"]) == {"1024"}
+    assert set(ra["accuracy"]) == {"babilong_qa1", "ruler_vt"} and set(ra["accuracy"]["ruler_vt"]) == {"512"}
     assert [r["prediction"] for r in ra["results"]] == [r["prediction"] for r in rb["results"]]
-    assert all(900 < r["prompt_tokens"] < 1150 for r in ra["results"])
-    assert md.read_text().startswith("| task | 1K | avg |")
+    assert all(400 < r["prompt_tokens"] <= 512 - 6 for r in ra["results"])
+    assert md.read_text().startswith("| task | 512 | avg |")
 
 
 def test_evaluate_tool_rejects_unknown_task(work, capsys):
@@ -226,3 +226,68 @@ def test_evaluate_tool_decodes_in_the_checkpoints_dtype_or_dtype(work):
         assert tool.main(src + extra + common + ["--json", str(out)]) == 0
         doc = json.loads(out.read_text())
         assert doc["dtype"] == want and doc["results"][0]["dtype"] == want, (src, extra)
+
+
+HELD_OUT = [
+    {"role": "system", "content": "You answer with one word."},
+    {"role": "user", "content": "The key is under the red mat. Where is the key?"},
+    {"role": "assistant", "content": "mat"},
+    {"role": "user", "content": "And what colour is the mat?"},
+]
+
+
+def _reference_answer(hf_dir: Path, messages: list[dict], max_new_tokens: int) -> tuple[int, str]:
+    """transformers alone: Qwen2.5's own chat template's prompt (ids folded into the tiny vocabulary, as the
+    tool is asked to), greedy ``generate``, the new tokens decoded without the stop tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    template = (Path(__file__).parent / "data" / "qwen25_chat_template.jinja").read_text()
+    ids = tok.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    prompt = torch.tensor([[i % model.config.vocab_size for i in ids]])
+    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    out = model.generate(
+        prompt, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=stop[0]
+    )
+    new = [t for t in out[0, prompt.shape[1] :].tolist() if t not in stop]
+    return len(ids), tok.decode(new)
+
+
+@pytest.mark.slow
+def test_evaluate_tool_answers_held_out_conversations_as_transformers_does(work, capsys):
+    """--data: the prompt is the conversation before its last assistant turn, rendered as training renders
+    it (here the built-in Qwen2.5 renderer: the folder has no template), the answer greedy decoding's, the score
+    an exact match.  The
+    reference answer is computed by transformers alone; one conversation is given it as its reference
+    (score 1), one a wrong one (score 0).  Megatron decoding (--ckpt) gives the same answers."""
+    prompt_tokens, answer = _reference_answer(work / "export", HELD_OUT, 5)
+    assert answer.strip()
+    data = work / "heldout.jsonl"
+    rows = [{"messages": [*HELD_OUT, {"role": "assistant", "content": ref}]} for ref in (f" {answer.upper()}.", "red")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tool = load_tool("evaluate")
+    common = ["--data", str(data), "--max-new-tokens", "5", "--show", "5", "--no-progress", "--fold-oversized-ids"]
+    out_hf, out_mc = work / "heldout_hf.json", work / "heldout_megatron.json"
+    assert tool.main(["--hf-dir", str(work / "export"), "--json", str(out_hf), *common]) == 0
+    shown = capsys.readouterr().out
+    assert tool.main(["--ckpt", str(work / "megatron"), "--json", str(out_mc), *common]) == 0
+    hf, mc = json.loads(out_hf.read_text()), json.loads(out_mc.read_text())
+    assert [r["prediction"] for r in hf["results"]] == [answer, answer] == [r["prediction"] for r in mc["results"]]
+    assert [r["prompt_tokens"] for r in hf["results"]] == [prompt_tokens, prompt_tokens]
+    assert [r["score"] for r in hf["results"]] == [1.0, 0.0]
+    assert hf["accuracy"] == {"data:heldout.jsonl": {str(prompt_tokens): 50.0}} and hf["samples_per_cell"] == 2
+    assert f"expected 'red', model {answer!r} (wrong)" in shown
+
+
+def test_evaluate_tool_refuses_held_out_data_without_a_final_answer(work, capsys):
+    data = work / "no_answer.jsonl"
+    data.write_text(json.dumps({"messages": HELD_OUT[:2]}) + "\n" + json.dumps({"messages": HELD_OUT}) + "\n")
+    tool = load_tool("evaluate")
+    assert tool.main(["--hf-dir", str(work / "export"), "--data", str(data), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{data.name}:1" in err and "last turn must be an assistant's text answer" in err
+    assert tool.main(["--hf-dir", str(work / "export"), "--data", str(work / "missing.jsonl")]) == 2
+    assert "--data:" in capsys.readouterr().err

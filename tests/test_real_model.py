@@ -76,6 +76,13 @@ def test_the_built_folder_is_the_gguf_model_as_qwen2(real_hf):
     assert sum(k.endswith("_proj.bias") for k in tensors) == 3 * 30
 
 
+def test_the_module_prints_the_folder_for_shell_scripts(real_hf):
+    """``python -m megatron_focusft.models.smollm2`` (what the quickstart captures): the folder alone on stdout."""
+    cmd = [sys.executable, "-m", "megatron_focusft.models.smollm2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == f"{real_hf}\n", proc.stderr
+
+
 def test_the_real_model_verifies_and_round_trips_bit_identically(real_hf, real_megatron, tmp_path):
     megatron, convert_out = real_megatron
     verify = next(line for line in convert_out.splitlines() if line.startswith("verify:"))

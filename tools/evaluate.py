@@ -5,12 +5,16 @@ generated from a seed at the requested lengths, answered by greedy decoding, sco
     python tools/evaluate.py --ckpt ckpt/focusft --tasks babilong_qa1,ruler_cwe --lengths 4k,8k,16k,32k \\
         --samples 20 --json eval.json --markdown eval.md
     python tools/evaluate.py --hf-dir exported/ --tasks all --lengths 4k
+    python tools/evaluate.py --hf-dir exported/ --data heldout.jsonl --show 10   # your own held-out chats
 
 Megatron decoding uses a KV cache (Megatron's static inference context) with chunked prefill, on any
 ``--tp`` size; ``--hf-dir`` decodes with the exported Hugging Face model instead (greedy whatever its
 generation_config.json says), in the checkpoint's dtype unless ``--dtype``.  A prompt of length N is, as
 in RULER, the chat prompt (with RULER's answer prefix) plus the generation budget in at most N positions.
-Token ids beyond the model's vocabulary (a foreign tokenizer) are an error.  Exit status: 0 on success,
+``--data`` evaluates held-out conversations instead of (or besides) the generated tasks: each one's last
+assistant turn is the reference, its prompt everything before it, rendered as preprocessing renders the
+training data (pass the same ``--renderer``), scored by exact match (up to case, white space and a final full
+stop).  Token ids beyond the model's vocabulary (a foreign tokenizer) are an error.  Exit status: 0 on success,
 2 on bad usage.
 """
 
@@ -19,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from megatron_focusft import flags, runtime
 from megatron_focusft.analysis.cli import add_launch_args
+from megatron_focusft.data.chat import add_renderer_flag
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,11 +40,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--hf-dir", help="a Hugging Face folder (e.g. tools/convert_megatron_to_hf.py output)")
     p.add_argument(
         "--tasks",
-        default="all",
-        help="comma list (babilong_qa1..qa5, ruler_niah_mv, ruler_cwe, ruler_vt), 'babilong', 'ruler' or 'all'",
+        default=None,
+        help="comma list (babilong_qa1..qa5, ruler_niah_mv, ruler_cwe, ruler_vt), 'babilong', 'ruler' or 'all' "
+        "(default: all, or none with --data)",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="held-out conversations (any format preprocess_data.py reads): the model answers each last "
+        "assistant turn, scored by exact match; repeatable; --samples takes the first N (all by default)",
+    )
+    add_renderer_flag(p, "how --data is rendered: the same choice as preprocess_data.py's for the training data")
+    p.add_argument(
+        "--show", type=int, default=0, metavar="N", help="print the first N answers of each task next to the reference"
     )
     p.add_argument("--lengths", default="4k", help="comma list of prompt lengths in tokens, e.g. 4k,8k,16k")
-    p.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
+    p.add_argument("--samples", type=int, default=None, help="samples per task and length (default 10; --data: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--haystack",
@@ -72,12 +91,17 @@ def _fail(prog: str, message: str):
 def validate_args(args, prog: str = "evaluate.py") -> None:
     from megatron_focusft.analysis.tasks import parse_length
 
+    if args.tasks is None:
+        args.tasks = "" if args.data else "all"
     try:
         args.task_names = task_list(args.tasks)
     except ValueError as e:
         _fail(prog, f"--tasks: {e}")
-    if not args.task_names:
+    if not args.task_names and not args.data:
         _fail(prog, f"--tasks: no task in {args.tasks!r}")
+    for path in args.data:
+        if not Path(path).exists():
+            _fail(prog, f"--data: {path} does not exist")
     try:
         args.length_values = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
     except ValueError as e:
@@ -88,6 +112,7 @@ def validate_args(args, prog: str = "evaluate.py") -> None:
         _fail(prog, f"--lengths: lengths must be positive, got {args.lengths!r}")
     for flag, value in [
         ("--samples", args.samples),
+        ("--show", args.show + 1),
         ("--max-new-tokens", args.max_new_tokens),
         ("--prefill-chunk", args.prefill_chunk),
         ("--tp", args.tensor_model_parallel_size),
@@ -128,6 +153,7 @@ def run(args) -> list[dict]:
     import torch.distributed as dist
 
     from megatron_focusft.analysis import evaluate as ev
+    from megatron_focusft.analysis.conversations import conversation_samples
     from megatron_focusft.analysis.prompts import eos_ids
     from megatron_focusft.analysis.tasks import generate, parse_length
     from megatron_focusft.data import load_tokenizer
@@ -138,8 +164,10 @@ def run(args) -> list[dict]:
     if not lengths:
         raise ValueError("--lengths: no length given")
     samples = generate(
-        task_list(args.tasks), lengths, args.samples, tokenizer, args.seed, args.haystack, args.max_new_tokens
+        task_list(args.tasks), lengths, args.samples or 10, tokenizer, args.seed, args.haystack, args.max_new_tokens
     )
+    for path in args.data:
+        samples += conversation_samples(path, tokenizer, args.renderer, args.samples)
     eos = eos_ids(tokenizer)
     if args.hf_dir:
         from transformers import AutoModelForCausalLM
@@ -212,12 +240,15 @@ def main(argv=None) -> int:
     table = ev.accuracy_table(results)
     md = ev.markdown_table(table)
     print(md, end="")
+    if args.show:
+        print(ev.answers_listing(results, args.show), end="")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(md)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        doc = ev.results_document(args.ckpt or args.hf_dir, args.seed, args.samples, results)
+        per_cell = max(Counter((r["task"], r["length"]) for r in results).values())
+        doc = ev.results_document(args.ckpt or args.hf_dir, args.seed, per_cell, results)
         args.json.write_text(json.dumps(doc, indent=2))
     return 0
 

@@ -31,6 +31,7 @@ import argparse
 import os
 import sys
 
+from megatron_focusft.data.chat import add_renderer_flag
 from megatron_focusft.data.errors import DataError
 from megatron_focusft.data.formats import FORMATS, FieldNames
 from megatron_focusft.data.preprocess import (
@@ -72,12 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="conversations longer than the pack length: drop them, truncate at a whole turn, or error",
     )
     p.add_argument("--loss-on", choices=["all", "last"], default="all", help="assistant turns to train on")
-    p.add_argument(
-        "--renderer",
-        choices=["auto", "template", "qwen2.5"],
-        default="auto",
-        help="auto: the folder's chat_template if any, else the built-in Qwen2.5 ChatML renderer",
-    )
+    add_renderer_flag(p, "auto: the folder's chat_template if any, else the built-in Qwen2.5 ChatML renderer")
     p.add_argument(
         "--added-tokens",
         choices=["file", "qwen2.5"],

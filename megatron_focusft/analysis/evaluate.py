@@ -4,7 +4,8 @@
 :func:`~megatron_focusft.analysis.generate.megatron_greedy` or
 :func:`~megatron_focusft.analysis.generate.hf_greedy` bound to a model.  Prompts are one user turn
 rendered with the checkpoint's chat template (the built-in Qwen2.5 renderer when it has none) followed by
-the assistant header and the task's answer prefix (RULER tasks).
+the assistant header and the task's answer prefix (RULER tasks); held-out conversations
+(:mod:`~megatron_focusft.analysis.conversations`) bring their own prompt ids, rendered as in training.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from megatron_focusft.analysis.tasks import MAX_NEW_TOKENS, max_new_tokens_for, 
 __all__ = [
     "MAX_NEW_TOKENS",
     "accuracy_table",
+    "answers_listing",
     "evaluate",
     "markdown_table",
     "max_new_tokens_for",
@@ -43,10 +45,10 @@ def evaluate(
     unless ``fold_vocab`` (tiny test models) folds them modulo the vocabulary."""
     results = []
     for s in tqdm(samples, desc="evaluate", unit="sample", disable=not progress):
-        ids = prompt_ids(tokenizer, s["input"], s.get("answer_prefix", ""))
+        ids = s.get("prompt_ids") or prompt_ids(tokenizer, s["input"], s.get("answer_prefix", ""))
         if vocab_size is not None:
             ids = check_token_ids(ids, vocab_size, fold=fold_vocab, source=source)
-        new = decode(ids, max_new_tokens or max_new_tokens_for(s["task"]))
+        new = decode(ids, max_new_tokens or s.get("max_new_tokens") or max_new_tokens_for(s["task"]))
         stop = set(eos_ids(tokenizer))
         text = tokenizer.decode([t for t in new if t not in stop])
         results.append(
@@ -83,6 +85,19 @@ def results_document(model: str, seed: int, samples_per_cell: int, results: list
         "accuracy": {t: {str(n): a for n, a in by.items()} for t, by in table.items()},
         "results": results,
     }
+
+
+def answers_listing(results: list[dict], per_task: int) -> str:
+    """The first ``per_task`` answers of each task next to their reference, marked right or wrong."""
+    lines, shown = [], defaultdict(int)
+    for r in results:
+        if shown[r["task"]] >= per_task:
+            continue
+        shown[r["task"]] += 1
+        mark = "right" if r["score"] == 1.0 else "wrong" if r["score"] == 0.0 else f"{r['score']:.2f}"
+        expected = "; ".join(r["outputs"])
+        lines.append(f"{r['task']} #{r['index']}: expected {expected!r}, model {r['prediction']!r} ({mark})")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def _length_name(n: int) -> str:

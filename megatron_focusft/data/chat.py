@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -35,6 +35,13 @@ QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpf
 LossOn = Literal["all", "last"]
 Overlong = Literal["drop", "truncate", "error"]
 RendererName = Literal["auto", "template", "qwen2.5"]
+
+
+def add_renderer_flag(p, help: str) -> None:
+    """``--renderer``, shared by tools/preprocess_data.py and tools/evaluate.py (held-out data must be rendered
+    as its training data was).  Defined here, not in :mod:`megatron_focusft.flags`, because preprocessing must
+    start without importing torch or megatron-core."""
+    p.add_argument("--renderer", choices=get_args(RendererName), default="auto", help=help)
 
 
 # --------------------------------------------------------------------------------------------- documents

@@ -165,3 +165,21 @@ def _as_qwen2(llama: torch.nn.Module) -> torch.nn.Module:
                 p.zero_()
     qwen2.tie_weights()
     return qwen2.eval()
+
+
+def main() -> int:
+    """``python -m megatron_focusft.models.smollm2``: build (or find) the folder and print its path on stdout
+    (what a shell script captures); progress and errors go to stderr."""
+    import sys
+
+    try:
+        folder = smollm2_checkpoint(log=lambda line: print(line, file=sys.stderr))
+    except RealModelMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,8 @@
   ``<example>`` / ``Question``); the task labels found in it as *substrings* (labels also named in the
   question do not count) must be exactly the target (or, for a comma-separated target as in qa8, exactly
   its parts): listing every location is not an answer.
+- Held-out conversations (``exact``): the prediction equals the reference turn up to case, surrounding white
+  space and a final full stop.
 """
 
 from __future__ import annotations
@@ -51,8 +53,20 @@ def babilong_match(prediction: str, target: str, labels: list[str] | tuple[str, 
     return 1.0 if target in in_output and len(in_output) == 1 else 0.0
 
 
+def normalize_answer(text: str) -> str:
+    return text.strip().rstrip(".").strip().lower()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """Held-out conversations: the answer in the data's own form, up to case, surrounding white space and a
+    final full stop."""
+    return 1.0 if normalize_answer(prediction) == normalize_answer(reference) else 0.0
+
+
 def score_sample(sample: dict, prediction: str) -> float:
     """Score of one generated sample (a dict from :mod:`megatron_focusft.analysis.tasks`)."""
     if sample["metric"] == "babilong":
         return babilong_match(prediction, sample["outputs"][0], sample["labels"], sample.get("question", ""))
+    if sample["metric"] == "exact":  # held-out conversations (megatron_focusft.analysis.conversations)
+        return exact_match(prediction, sample["outputs"][0])
     return string_match_all(prediction, sample["outputs"])
