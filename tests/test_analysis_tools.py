@@ -214,7 +214,7 @@ def test_evaluate_tool_decodes_in_the_checkpoints_dtype_or_dtype(work):
         cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
         (bf16 / "config.json").write_text(json.dumps(cfg))
     tool = load_tool("evaluate")
-    common = ["--tasks", "babilong_qa1", "--lengths", "1k", "--samples", "1", "--max-new-tokens", "2"]
+    common = ["--tasks", "babilong_qa1", "--lengths", "256", "--samples", "1", "--max-new-tokens", "2"]
     common += ["--no-progress", "--fold-oversized-ids"]
     out = work / "dtype.json"
     for src, extra, want in [
@@ -262,7 +262,7 @@ def test_evaluate_tool_answers_held_out_conversations_as_transformers_does(work,
     it (here the built-in Qwen2.5 renderer: the folder has no template), the answer greedy decoding's, the score
     an exact match.  The
     reference answer is computed by transformers alone; one conversation is given it as its reference
-    (score 1), one a wrong one (score 0).  Megatron decoding (--ckpt) gives the same answers."""
+    (score 1), one a wrong one (score 0).  (Megatron decoding equals HF decoding: the test above.)"""
     prompt_tokens, answer = _reference_answer(work / "export", HELD_OUT, 5)
     assert answer.strip()
     data = work / "heldout.jsonl"
@@ -270,12 +270,11 @@ def test_evaluate_tool_answers_held_out_conversations_as_transformers_does(work,
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tool = load_tool("evaluate")
     common = ["--data", str(data), "--max-new-tokens", "5", "--show", "5", "--no-progress", "--fold-oversized-ids"]
-    out_hf, out_mc = work / "heldout_hf.json", work / "heldout_megatron.json"
+    out_hf = work / "heldout_hf.json"
     assert tool.main(["--hf-dir", str(work / "export"), "--json", str(out_hf), *common]) == 0
     shown = capsys.readouterr().out
-    assert tool.main(["--ckpt", str(work / "megatron"), "--json", str(out_mc), *common]) == 0
-    hf, mc = json.loads(out_hf.read_text()), json.loads(out_mc.read_text())
-    assert [r["prediction"] for r in hf["results"]] == [answer, answer] == [r["prediction"] for r in mc["results"]]
+    hf = json.loads(out_hf.read_text())
+    assert [r["prediction"] for r in hf["results"]] == [answer, answer]
     assert [r["prompt_tokens"] for r in hf["results"]] == [prompt_tokens, prompt_tokens]
     assert [r["score"] for r in hf["results"]] == [1.0, 0.0]
     assert hf["accuracy"] == {"data:heldout.jsonl": {str(prompt_tokens): 50.0}} and hf["samples_per_cell"] == 2

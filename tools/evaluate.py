@@ -224,8 +224,10 @@ def main(argv=None) -> int:
 
     try:
         task_list(args.tasks)
-        if args.hf_dir or args.device == "cpu":
-            nproc = 1 if args.hf_dir else args.tensor_model_parallel_size
+        if args.hf_dir:  # transformers decodes in this process: no process group to start
+            results = run(args)
+        elif args.device == "cpu":
+            nproc = args.tensor_model_parallel_size
             results = runtime.launch_cpu_processes(run, nproc, runtime.ParallelLayout(nproc), (args,))
         else:
             runtime.initialize("cuda", flags.parallel_layout(args))
